@@ -1,0 +1,30 @@
+"""naclip-kernels: fused kernels for training-free open-vocabulary semantic segmentation with CLIP.
+
+Public API::
+
+    import naclip_kernels as nk
+    out = nk.neighbour_attention(q, k, v, grid=(h, w), sigma=5.0, prefix_tokens=1, similarity="kk")
+    refined = nk.pamr(image, mask, num_iter=10, dilations=(8, 16))
+    nk.reference.neighbour_attention(...), nk.reference.pamr(...)   # eager ground truth
+    nk.NeighbourAttention(mha), nk.PAMR()                             # nn.Modules
+
+``import naclip_kernels`` needs neither a GPU, nor Triton, nor open_clip.
+"""
+from naclip_kernels import reference
+from naclip_kernels._backend import BACKENDS, BackendUnavailableError
+from naclip_kernels.modules import PAMR, NeighbourAttention
+from naclip_kernels.ops.neighbour_attention import neighbour_attention
+from naclip_kernels.ops.pamr import pamr
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "NeighbourAttention",
+    "PAMR",
+    "neighbour_attention",
+    "pamr",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,27 @@
+"""Shared fixtures: deterministic fresh random inputs, NaN poisoning, and Triton-interpreter gating."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from naclip_kernels._triton_compat import HAS_TRITON, interpreter_enabled
+
+requires_triton_interpreter = pytest.mark.skipif(
+    not (HAS_TRITON and interpreter_enabled()),
+    reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 (set before import); the README test command sets it",
+)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def rng(request) -> torch.Generator:
+    """A generator seeded from the test id: fresh inputs per test, reproducible per test."""
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    return torch.Generator().manual_seed(seed)
+
+
+def pytest_report_header(config):
+    return (f"torch {torch.__version__}, triton interpreter {'on' if interpreter_enabled() else 'off'}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
