@@ -257,7 +257,11 @@ class Segmenter:
                                       confidence_threshold=preset.confidence_threshold,
                                       background_index=preset.background_index)
         kwargs.update(overrides)
-        return cls(**kwargs)
+        segmenter = cls(**kwargs)
+        if "classes" not in overrides:
+            # Name classes as the dataset does ("background", not the first synonym of its line, "sky").
+            segmenter.class_names = list(preset.label_names)
+        return segmenter
 
     @property
     def slide(self) -> Optional[Tuple[int, int]]:

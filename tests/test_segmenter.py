@@ -270,7 +270,7 @@ def test_set_classes_and_class_file(tmp_path):
 def test_from_preset(monkeypatch):
     fake = types.ModuleType("naclip.presets")
     preset = types.SimpleNamespace(name="toy", classes=["background", "cat, kitty"], short_side=80, slide=None,
-                                   confidence_threshold=0.1, background_index=0)
+                                   confidence_threshold=0.1, background_index=0, label_names=("background", "cat"))
     fake.get_preset = lambda name: preset if name == "toy" else (_ for _ in ()).throw(KeyError(name))
     monkeypatch.setitem(sys.modules, "naclip.presets", fake)
     import naclip
@@ -358,6 +358,8 @@ def test_from_real_preset():
     seg = Segmenter.from_preset("voc21", model=tiny_clip(), pretrained=None, pamr=False, cache_dir=False,
                                 templates=["a photo of a {}."])
     assert len(seg.class_names) == len(preset.classes)
+    # The dataset's names, not the first synonym of each line (VOC21's background line starts with "sky").
+    assert seg.class_names == list(preset.label_names) and seg.class_names[0] == "background"
     assert seg.slide == (None if preset.slide is None else tuple(preset.slide))
     assert seg.short_side == preset.short_side and seg.confidence_threshold == preset.confidence_threshold
     result = seg(random_image(30, 40))
