@@ -10,7 +10,7 @@ from torch import nn
 from naclip_kernels._backend import BACKENDS
 from naclip_kernels._validation import SIMILARITIES, check_grid, check_int, check_positive_float
 from naclip_kernels.ops.neighbour_attention import neighbour_attention
-from naclip_kernels.ops.pamr import pamr
+from naclip_kernels.ops.pamr import check_pamr_params, pamr
 
 __all__ = ["NeighbourAttention", "PAMR"]
 
@@ -92,12 +92,20 @@ class NeighbourAttention(nn.Module):
 
 
 class PAMR(nn.Module):
-    """Pixel-adaptive mask refinement as a layer: ``forward(image, mask)`` = :func:`naclip_kernels.pamr`."""
+    """Pixel-adaptive mask refinement as a layer: ``forward(image, mask)`` = :func:`naclip_kernels.pamr`.
+
+    ``image`` ``[B, K, H, W]`` and ``mask`` ``[B, C, h, w]`` give ``[B, C, H, W]`` in the mask's dtype (``SPEC.md``
+    section 3). ``num_iter`` (int >= 1), ``dilations`` (non-empty ints >= 1) and ``backend`` are checked here, at
+    construction, so that a misconfigured layer fails when it is built rather than on its first batch. The layer
+    has no parameters or buffers.
+    """
 
     def __init__(self, num_iter: int = 10, dilations: Sequence[int] = (8, 16), backend: str = "auto"):
         super().__init__()
-        self.num_iter = num_iter
-        self.dilations = tuple(dilations)
+        op = "PAMR"
+        self.num_iter, self.dilations = check_pamr_params(num_iter, dilations, op=op)
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
 
     def extra_repr(self) -> str:

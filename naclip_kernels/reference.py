@@ -21,6 +21,7 @@ __all__ = [
     "attention_with_bias",
     "clear_bias_cache",
     "pamr",
+    "pamr_affinity",
 ]
 
 
@@ -133,3 +134,77 @@ def neighbour_attention(q: Optional[torch.Tensor], k: torch.Tensor, v: torch.Ten
 # --------------------------------------------------------------------------------------------------------------
 # PAMR (SPEC.md section 3)
 # --------------------------------------------------------------------------------------------------------------
+def _pamr_shift_kernels(centre: float, neighbour: float, with_centre_tap: bool, dtype, device) -> torch.Tensor:
+    """3x3 conv kernels of the original PAMR code, one output channel per tap.
+
+    Taps in the order of ``SPEC.md``: ``(-1,-1) (-1,0) (-1,1) (0,-1) (0,1) (1,-1) (1,0) (1,1)`` (row, column), times
+    the dilation. Each kernel holds ``neighbour`` at its tap and ``centre`` at the centre, so a dilated conv over the
+    replicate-padded input gives ``centre * x(p) + neighbour * x(p + o)`` (or just ``x(p + o)`` with ``centre=0``).
+    ``with_centre_tap`` adds a 9th kernel picking the centre itself (the local-spread samples), placed in raster
+    order like the original ``LocalStDev``.
+    """
+    taps = [(i, j) for i in range(3) for j in range(3) if with_centre_tap or (i, j) != (1, 1)]
+    weight = torch.zeros(len(taps), 1, 3, 3, dtype=dtype, device=device)
+    for out_channel, (i, j) in enumerate(taps):
+        if (i, j) != (1, 1):
+            weight[out_channel, 0, 1, 1] = centre
+        weight[out_channel, 0, i, j] += neighbour
+    return weight
+
+
+def _pamr_local(x: torch.Tensor, weight: torch.Tensor, dilations) -> torch.Tensor:
+    """``[B, K, H, W]`` -> ``[B, K, T * len(dilations), H, W]``: every 3x3 dilated tap of ``weight`` (``T`` kernels)
+    over the input with replicate padding, exactly as the original ``LocalAffinity`` module computes it."""
+    batch, channels, height, width = x.shape
+    flat = x.reshape(batch * channels, 1, height, width)
+    per_dilation = []
+    for d in dilations:
+        padded = F.pad(flat, [d] * 4, mode="replicate")
+        per_dilation.append(F.conv2d(padded, weight, dilation=d))
+    return torch.cat(per_dilation, 1).reshape(batch, channels, -1, height, width)
+
+
+def pamr_affinity(image: torch.Tensor, dilations=(8, 16)) -> torch.Tensor:
+    """The PAMR affinities ``[B, 8*len(dilations), H, W]`` of an image ``[B, K, H, W]`` (``SPEC.md`` section 3).
+
+    ``a(p, n) = softmax_n( mean_c( -|x_c(p) - x_c(p + o_n)| / (1e-8 + 0.1 * std(p, c)) ) )`` with ``std`` the
+    unbiased standard deviation of the ``9 * len(dilations)`` samples ``x_c(p + (a d, b d))``, ``a, b in {-1,0,1}``.
+    Computed in the image's dtype promoted to float32 (float64 stays float64). Materialises
+    ``[B, K, 9 * len(dilations), H, W]`` like the original.
+    """
+    x = image.to(_compute_dtype(image.dtype))
+    std = _pamr_local(x, _pamr_shift_kernels(0.0, 1.0, True, x.dtype, x.device), dilations).std(2, keepdim=True)
+    diff = _pamr_local(x, _pamr_shift_kernels(1.0, -1.0, False, x.dtype, x.device), dilations).abs()
+    logits = (-diff / (1e-8 + 0.1 * std)).mean(1)
+    return F.softmax(logits, 1)
+
+
+def pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int = 10, dilations=(8, 16),
+         backend: str = "reference") -> torch.Tensor:
+    """Eager ground truth of :func:`naclip_kernels.pamr`: the original PAMR algorithm (Araslanov & Roth) as written.
+
+    ``image`` ``[B, K, H, W]``, ``mask`` ``[B, C, h, w]`` (resized to ``H x W`` with bilinear, ``align_corners=True``
+    when ``(h, w) != (H, W)``). Affinities from :func:`pamr_affinity`, then ``num_iter`` times
+    ``m_c(p) <- sum_n a(p, n) m_c(p + o_n)`` with replicate (clamped) borders.
+
+    Like the original it materialises the ``[B, C, 8 * len(dilations), H, W]`` neighbour stack every iteration
+    (about 3 GiB at NACLIP's settings for 150+ queries): this is the slow, memory-hungry baseline. Computes in
+    float32 (float64 when the mask or image is float64) and returns the mask's dtype.
+    """
+    from naclip_kernels.ops.pamr import check_pamr_args  # lazy: ops.pamr imports this module
+
+    if backend not in ("reference", "auto"):
+        raise ValueError(f"reference.pamr: backend must be 'reference' (or 'auto'), got {backend!r}")
+    num_iter, dilations = check_pamr_args(image, mask, num_iter, dilations, op="reference.pamr")
+    compute = torch.float64 if torch.float64 in (image.dtype, mask.dtype) else torch.float32
+    batch, _, height, width = image.shape
+    if mask.shape[1] == 0 or batch == 0:
+        return mask.new_empty(batch, mask.shape[1], height, width)
+    affinity = pamr_affinity(image.to(compute), dilations).unsqueeze(1)          # [B, 1, 8L, H, W]
+    m = mask.to(compute)
+    if m.shape[-2:] != (height, width):
+        m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=True)
+    copy = _pamr_shift_kernels(0.0, 1.0, False, compute, m.device)
+    for _ in range(num_iter):
+        m = (_pamr_local(m, copy, dilations) * affinity).sum(2)                  # [B, C, 8L, H, W] -> [B, C, H, W]
+    return m.to(mask.dtype)

@@ -36,6 +36,44 @@ TOLERANCES: Dict[Tuple[str, str, torch.dtype], Tol] = {
                                                 "plus the output rounding"),
     ("attention", "triton", torch.bfloat16): Tol(6e-2, 4e-2, "P cast to bfloat16 before P@V (8-bit mantissa) plus "
                                                  "the bfloat16 output rounding"),
+    # ---------------------------------------------------------------- PAMR (tests/test_pamr.py)
+    # Outputs are convex combinations of mask values (|m| <= ~4 for randn), so absolute error is the measure. The
+    # softmax arguments -|x(p) - x(p+o)| / (1e-8 + 0.1 std) reach ~30 in magnitude, so float32 rounding of them
+    # (~1e-7 relative) moves each weight by ~3e-6 relative; the sweeps are convex combinations and do not amplify it.
+    ("pamr", "torch", torch.float64): Tol(1e-10, 1e-10, "same maths as the reference in float64; only the "
+                                          "summation order (chunked multiply-adds, two-pass variance of centred "
+                                          "samples) differs"),
+    ("pamr", "torch", torch.float32): Tol(3e-5, 1e-5, "float32 affinities (softmax arguments up to ~30, ~3e-6 "
+                                          "relative weight error) times |m| <= ~4, through convex sweeps"),
+    ("pamr", "torch", torch.float16): Tol(4e-3, 4e-3, "mask quantised to float16 before the op (the float64 "
+                                          "reference sees the same values), float32 sweeps, output rounded to "
+                                          "float16: half an ulp of |out| <= 4 is 2e-3"),
+    ("pamr", "torch", torch.bfloat16): Tol(3e-2, 2e-2, "float32 sweeps, output rounded to bfloat16 (8-bit "
+                                           "mantissa): half an ulp of |out| <= 4 is 1.6e-2"),
+    ("pamr", "triton", torch.float32): Tol(5e-5, 2e-5, "as the torch path, plus the GPU's approximate exp/sqrt/"
+                                           "division (a few ulp) in the affinity kernel"),
+    ("pamr", "triton", torch.float16): Tol(4e-3, 4e-3, "float32 affinities and float32 ping-pong buffers; only the "
+                                           "final store rounds to float16 (half an ulp of 4 is 2e-3)"),
+    ("pamr", "triton", torch.bfloat16): Tol(3e-2, 2e-2, "float32 sweeps; only the final store rounds to bfloat16: "
+                                            "half an ulp of 4 is 7.8e-3 on a GPU (round to nearest), a full ulp "
+                                            "(1.6e-2) under TRITON_INTERPRET=1, whose fp32->bf16 cast truncates"),
+    # ---------------------------------------------------------------- segmenter (end to end, tests/test_segmenter.py)
+    # Cosine-similarity logits (|logit| <= 1) of a whole NACLIP segmenter, backend="auto" (torch path on CPU) vs
+    # backend="reference", both float32 (the reference is not float64 here: the whole CLIP tower runs in float32).
+    ("segmenter", "auto", torch.float32): Tol(1e-5, 0.0, "two float32 pipelines that differ only in the last "
+                                              "block's attention (~1e-6 apart) and PAMR's summation order; that "
+                                              "passes through out_proj, ln_post (divides by a token's std: can "
+                                              "amplify ~10x), proj and L2 normalisation, and PAMR averages it. "
+                                              "Measured max 2e-7 on the random ViT-B-16 test (50x margin)"),
+    ("segmenter", "triton", torch.float32): Tol(2e-5, 0.0, "as ('segmenter', 'auto') with the Triton kernels' "
+                                                "float32 tolerances (attention 5e-5, PAMR 5e-5 on |m| ~ 4) scaled to "
+                                                "cosine logits of |l| <= 1 (tiny model, interpreter on CPU)"),
+    # L2-normalised dense patch features (|x| <= 1) of a model loaded in half precision vs the same weights in float32
+    # (tests/test_model.py): two transformer blocks of half-precision matmuls and residual adds, LayerNorms in float32.
+    ("dense_features", "torch", torch.float16): Tol(5e-3, 0.0, "float16 weights and activations through 2 blocks: "
+                                                   "a few ulp (2^-11 relative) per block; measured 1e-3"),
+    ("dense_features", "torch", torch.bfloat16): Tol(5e-2, 0.0, "bfloat16 (2^-8 relative) through 2 blocks; "
+                                                    "measured 1e-2"),
 }
 
 
