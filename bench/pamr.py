@@ -1,0 +1,181 @@
+"""PAMR benchmark: ``python -m bench pamr [--quick] [options]``.
+
+Images 336x448 (VOC, short side 336), 512x683 and 1024x2048 (Cityscapes at full size), 21 / 56 / 150 / 171 queries
+(VOC21, VOC21 with synonyms, ADE20K, COCO-Stuff), NACLIP's settings: 10 iterations, dilations (8, 16). The mask is
+the low-resolution patch logits ``[1, C, H/16, W/16]`` that NACLIP upsamples, so the bilinear resize is included.
+
+=============  ==============================================================================================
+``reference``  :func:`naclip_kernels.reference.pamr`: the original algorithm, ``[B, C, 16, H, W]`` per iteration
+``torch``      our torch path (``backend="torch"``)
+``triton``     our Triton kernels (``backend="triton"``, CUDA only)
+=============  ==============================================================================================
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, Optional
+
+from bench import common
+from bench.common import Unavailable
+
+TARGET = "bench.pamr:run_one"
+PROVIDERS = ["reference", "torch", "triton"]
+IMAGES = [(336, 448), (512, 683), (1024, 2048)]
+QUERIES = [21, 56, 150, 171]
+QUICK_IMAGES = [(48, 64), (96, 128)]
+QUICK_QUERIES = [3, 8]
+NUM_ITER, DILATIONS, CHANNELS, PATCH = 10, (8, 16), 3, 16
+
+
+def pamr_flops(classes: int, height: int, width: int, num_iter: int = NUM_ITER, dilations=DILATIONS) -> float:
+    """Propagation multiply-adds (2 flops each): ``num_iter * 8L * C * H * W``; the affinity pass is not counted."""
+    return 2.0 * num_iter * 8 * len(dilations) * classes * height * width
+
+
+def pamr_bytes(classes: int, height: int, width: int, elt: int = 4, num_iter: int = NUM_ITER,
+               dilations=DILATIONS) -> float:
+    """Compulsory traffic of an unfused-iteration implementation: image read + affinities written once, then per
+    iteration the mask and the ``8L`` affinities read and the mask written (neighbour re-reads assumed cached)."""
+    hw = height * width
+    taps = 8 * len(dilations)
+    return float(CHANNELS * hw * elt + taps * hw * 4 + classes * hw * elt
+                 + num_iter * (2 * classes * hw * elt + taps * hw * 4))
+
+
+def reference_memory_estimate(classes: int, height: int, width: int, dilations=DILATIONS) -> float:
+    """The original's neighbour stack ``[C, 8L, H, W]`` float32, ~3.7 of them live at the peak (SPEC: 6 GB at 171
+    queries, 336x448)."""
+    return 3.7 * 4.0 * 8 * len(dilations) * classes * height * width
+
+
+def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
+    import torch
+
+    import naclip_kernels as nk
+
+    provider, device = spec["provider"], spec["device"]
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "float64": torch.float64}[spec["dtype"]]
+    height, width, classes = spec["height"], spec["width"], spec["classes"]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Unavailable("no CUDA device")
+    common.warm_libraries(device)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(1, CHANNELS, height, width, generator=gen).to(device)            # normalised image, float32
+    mask = torch.randn(1, classes, spec["mask_h"], spec["mask_w"], generator=gen).to(device=device, dtype=dtype)
+    pm = common.PeakMemory(device)
+    pm.set_baseline()
+    dil = tuple(spec["dilations"])
+    if provider == "reference":
+        try:
+            from naclip_kernels.reference import pamr as ref_pamr
+        except ImportError as exc:
+            raise Unavailable(f"naclip_kernels.reference.pamr is not available yet ({exc})")
+
+        def call():
+            return ref_pamr(image, mask, num_iter=spec["num_iter"], dilations=dil)
+    elif provider in ("torch", "triton"):
+        if provider == "triton" and not device.startswith("cuda"):
+            raise Unavailable("the Triton kernels are timed on CUDA only (the CPU interpreter is for correctness)")
+
+        def call():
+            return nk.pamr(image, mask, num_iter=spec["num_iter"], dilations=dil, backend=provider)
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    try:
+        out = common.measure(call, device=device, warmup=spec["warmup"], repeats=spec["repeats"],
+                             max_row_s=spec["max_row_s"], pm=pm)
+    except NotImplementedError as exc:
+        raise Unavailable(f"not implemented yet: {exc}")
+    except nk.BackendUnavailableError as exc:
+        raise Unavailable(str(exc))
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m bench pamr", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    parser.add_argument("--images", default=None, help="override image sizes, e.g. 336x448,512x683")
+    parser.add_argument("--queries", default=None, help="override query counts, e.g. 21,171")
+    return parser
+
+
+def main(argv=None) -> Dict[str, Any]:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> Dict[str, Any]:
+    common.finalize_args(args, gpu_dtypes="float32,float16", total_min=7.0)
+    providers = args.provider_list or PROVIDERS
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown:
+        raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {PROVIDERS}")
+    images = QUICK_IMAGES if args.quick else IMAGES
+    queries = QUICK_QUERIES if args.quick else QUERIES
+    if args.images:
+        images = [tuple(int(x) for x in s.lower().split("x")) for s in args.images.split(",") if s.strip()]
+    if args.queries:
+        queries = [int(x) for x in args.queries.split(",") if x.strip()]
+    config = {"num_iter": NUM_ITER, "dilations": list(DILATIONS), "images": [list(i) for i in images],
+              "queries": queries, "providers": providers, "mask": "[1, C, ceil(H/16), ceil(W/16)] logits",
+              "warmup": args.warmup, "repeats": args.repeats, "max_row_s": args.max_row_s,
+              "max_call_s": args.max_call_s, "max_memory_gb": args.max_memory_gb, "dtypes": args.dtype_list}
+    sweep = common.Sweep("pamr", args, ["provider", "image", "classes", "dtype"], config)
+    sweep.add_reference_rates({"matmul": common.measure_matmul_rate(args.device, n=512 if args.quick else 2048),
+                               "copy": common.measure_copy_rate(args.device, mbytes=32 if args.quick else 256)})
+    elt = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+    ordered = (["reference"] if "reference" in providers else []) + [p for p in providers if p != "reference"]
+    # Our providers first over every size, then the reference: a time budget cuts reference rows, not ours.
+    ours = ["torch", "triton"]
+    phases = [[p for p in ordered if p in ours], [p for p in ordered if p not in ours]]
+    for phase in phases:
+        for dtype in args.dtype_list:
+            for height, width in images:
+                for classes in queries:
+                    for provider in [p for p in ordered if p in phase]:
+                        mask_h, mask_w = -(-height // PATCH), -(-width // PATCH)
+                        row = {"provider": provider, "image": f"{height}x{width}", "height": height, "width": width,
+                               "classes": classes, "mask_h": mask_h, "mask_w": mask_w, "dtype": dtype,
+                               "num_iter": NUM_ITER, "dilations": list(DILATIONS),
+                               "shape_image": [1, CHANNELS, height, width], "shape_mask": [1, classes, mask_h, mask_w],
+                               "flops": pamr_flops(classes, height, width),
+                               "bytes": pamr_bytes(classes, height, width, elt[dtype]),
+                               "label": f"{height}x{width} C={classes} {dtype}"}
+                        mem = reference_memory_estimate(classes, height, width) if provider == "reference" else None
+                        sweep.run(row, TARGET, series=f"{provider}|{dtype}", cost=float(classes + 8) * height * width,
+                                  memory_estimate=mem)
+    rank = {p: i for i, p in enumerate(PROVIDERS)}
+    doc = sweep.finish(["image", "classes", "dtype"], "reference", compute_peak="fp32_tflops",
+                       sort_key=lambda r: (r.get("dtype", ""), r.get("height", 0) * r.get("width", 0),
+                                           r.get("classes", 0), rank.get(r.get("provider"), 99)))
+    write_outputs(doc, sweep.path, plot=not args.no_plot)
+    return doc
+
+
+SIZE_COLS = [("image", lambda r: r["image"]), ("queries", lambda r: r["classes"]), ("dtype", lambda r: r["dtype"])]
+
+
+def markdown(doc) -> str:
+    return common.header_markdown(doc) + "\n\n" + common.markdown_table(doc, SIZE_COLS, rate="gbps")
+
+
+def write_outputs(doc, path, plot: bool = True) -> None:
+    md = markdown(doc)
+    path.with_suffix(".md").write_text(md + "\n")
+    print()
+    print(md)
+    if plot:
+        png = common.plot(doc, path.with_suffix(".png"), x=lambda r: r["classes"] * r["height"] * r["width"],
+                          xlabel="queries x pixels (C*H*W)", series=lambda r: f"{r['provider']} ({r['dtype']})",
+                          variant=lambda r: r["dtype"],
+                          title="PAMR (10 iterations, dilations (8, 16))")
+        if png:
+            print(f"\nwrote {path}, {path.with_suffix('.md')}, {png}")
+    else:
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
