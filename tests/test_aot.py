@@ -1,0 +1,91 @@
+"""GPU readiness without a GPU: the attention kernel compiles for sm_80 and sm_90 and its configs do not spill.
+
+One subprocess (TRITON_INTERPRET unset, since an interpreted kernel cannot be compiled) compiles every default
+config (each dtype x head dim x {single pair, csa} x {no bias, each BLOCK_W}) plus every autotune config of head dim
+64, for both targets. Compiled kernels land in Triton's cache, so reruns are fast. Skipped when ptxas/cuobjdump
+are unavailable.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from naclip_kernels import aot
+from naclip_kernels._aot_spec import KernelConfig
+from naclip_kernels._triton_compat import HAS_TRITON
+
+_AVAILABLE, _REASON = aot.ptxas_available() if HAS_TRITON else (False, "Triton is not installed")
+requires_ptxas = pytest.mark.skipif(not _AVAILABLE, reason=f"AOT compile unavailable: {_REASON}")
+
+
+@pytest.fixture(scope="module")
+def attention_rows():
+    return aot.run_aot(ops=["neighbour_attention"], defaults_only=True, full_head_dims=[64], timeout=900)
+
+
+@requires_ptxas
+def test_all_selected_configs_compile(attention_rows):
+    failed = [f"{r['config']} {r['target']}: {r['error']}" for r in attention_rows if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    assert {r["target"] for r in attention_rows} == {"sm_80", "sm_90"}
+
+
+@requires_ptxas
+def test_default_configs_do_not_spill(attention_rows):
+    defaults = [r for r in attention_rows if r["default"]]
+    # 3 dtypes x 4 head dims x {pair, csa} at least, on two targets.
+    assert len({r["config"] for r in defaults}) >= 24
+    spilled = [f"{r['config']} {r['target']}: {r['registers']} regs, {r['spill_bytes']} B spilled"
+               for r in defaults if r["ok"] and r["spill_bytes"]]
+    assert not spilled, "\n".join(spilled)
+
+
+@requires_ptxas
+def test_head_dim_64_defaults_cover_fp16_bf16_both_targets(attention_rows):
+    for dtype in ("fp16", "bf16"):
+        for target in ("sm_80", "sm_90"):
+            rows = [r for r in attention_rows if r["default"] and r["tags"].get("dtype") == dtype
+                    and r["tags"].get("head_dim") == 64 and r["target"] == target]
+            assert rows, f"no default D=64 {dtype} config compiled for {target}"
+            assert all(r["ok"] and r["spill_bytes"] == 0 for r in rows), rows
+
+
+@requires_ptxas
+def test_autotune_list_has_no_spilling_config(attention_rows):
+    """Every config aot_configs() lists (= the pruned autotune space) for head dim 64 is spill-free."""
+    hd64 = [r for r in attention_rows if r["tags"].get("head_dim") == 64]
+    assert len(hd64) > len([r for r in hd64 if r["default"]])  # non-default configs were compiled too
+    spilled = [f"{r['config']} {r['target']}: {r['spill_bytes']} B" for r in hd64 if r["ok"] and r["spill_bytes"]]
+    assert not spilled, "\n".join(spilled)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No compiler needed
+# ---------------------------------------------------------------------------------------------------------------
+def test_collect_configs_from_every_op_module():
+    configs = aot.collect_configs()
+    assert all(isinstance(c, KernelConfig) for c in configs)
+    attention = [c for c in configs if c.op == "neighbour_attention"]
+    assert attention and all(c.kernel.__name__ == "_neighbour_attention_fwd_kernel" for c in attention)
+    arg_names = list(inspect.signature(getattr(attention[0].kernel, "fn", attention[0].kernel)).parameters)
+    for c in attention:
+        assert list(c.signature) == arg_names, c.name
+        assert all(c.signature[name] == "constexpr" for name in c.constexprs), c.name
+    # Exactly one default per specialisation (dtype, head dim, similarity kind, bias, BLOCK_W).
+    keys = [(c.tags["dtype"], c.tags["head_dim"], c.tags["similarity"], c.tags["has_bias"], c.tags["block_w"])
+            for c in attention if c.default]
+    assert len(keys) == len(set(keys))
+    assert {(k[0], k[1]) for k in keys} == {(d, h) for d in ("fp16", "bf16", "fp32") for h in (32, 64, 80, 128)}
+
+
+def test_parse_resource_usage_and_table():
+    text = ("Resource usage:\n Common:\n  GLOBAL:0\n Function _neighbour_attention_fwd_kernel:\n"
+            "  REG:168 STACK:8 SHARED:0 LOCAL:0 CONSTANT[0]:488 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+    assert aot.parse_resource_usage(text) == {"registers": 168, "stack": 8, "static_shared": 0, "local": 0}
+    with pytest.raises(ValueError):
+        aot.parse_resource_usage("nothing here")
+    row = {"op": "x", "kernel": "k", "config": "c", "default": True, "target": "sm_90", "registers": 1,
+           "spill_bytes": 0, "shared_bytes": 2, "ok": True, "error": None}
+    table = aot.format_table([row])
+    assert table.splitlines()[2] == "| x | k | c | * | sm_90 | 1 | 0 | 2 | yes |"
