@@ -371,6 +371,9 @@ def _neighbour_attention_triton(q, k, v, h, w, sigma, prefix_tokens, similarity,
 # cache of a laptop CPU between the matmul, the softmax and the second matmul (measured: 0.36 s at 4 MiB vs 0.75 s
 # at 24 MiB slabs for 12 heads on a 64x64 grid, 2 cores), and it bounds extra memory to O(slab) not O(B*H*N^2).
 _SLAB_ELEMENTS = 1 << 20
+# On a GPU (torch path = CUDA without Triton) small slabs would leave the device idle between tiny launches; 64 Mi
+# elements (256 MiB float32) keeps launches large while staying far below B*H*N^2 for the grids that matter.
+_SLAB_ELEMENTS_CUDA = 1 << 26
 
 
 def _gaussian_table(length: int, sigma: float, device, dtype) -> torch.Tensor:
@@ -409,8 +412,9 @@ def _neighbour_attention_torch(q, k, v, h, w, sigma, prefix_tokens, similarity, 
     out = empty_output(batch * heads, n_tokens, head_dim, device=k.device, dtype=compute)
     bias_rows = None if sigma is None else _BiasRows(h, w, sigma, prefix_tokens, k.device, compute)
 
-    # Slab = (group of heads) x (block of queries) x all keys, sized to _SLAB_ELEMENTS.
-    rows_per_slab = max(1, _SLAB_ELEMENTS // n_tokens)
+    # Slab = (group of heads) x (block of queries) x all keys, sized to the device's slab budget.
+    slab = _SLAB_ELEMENTS_CUDA if k.device.type == "cuda" else _SLAB_ELEMENTS
+    rows_per_slab = max(1, slab // n_tokens)
     block_m = min(n_tokens, rows_per_slab)
     group = max(1, min(batch * heads, rows_per_slab // block_m))
     for m0 in range(0, n_tokens, block_m):
