@@ -238,9 +238,7 @@ def run(args) -> Dict[str, Any]:
     if args.max_first_call_s is None:
         args.max_first_call_s = 20.0 if args.quick else 90.0
     providers = args.provider_list or PROVIDERS
-    unknown = set(providers) - set(PROVIDERS) - set(OPTIONAL_PROVIDERS)
-    if unknown:
-        raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {PROVIDERS + OPTIONAL_PROVIDERS}")
+    phases = common.provider_phases(providers, PROVIDERS + OPTIONAL_PROVIDERS, baseline="eager")
     case_list = cases(args.quick)
     if args.grids:
         case_list = [(case_list[0][0], 1, _parse_grids(args.grids))] + case_list[1:]
@@ -251,26 +249,20 @@ def run(args) -> Dict[str, Any]:
               "max_memory_gb": args.max_memory_gb, "dtypes": args.dtype_list}
     sweep = common.Sweep("attention", args, ["provider", "case", "grid", "dtype", "similarity"], config)
     sweep.add_reference_rates({"matmul": common.measure_matmul_rate(args.device, n=512 if args.quick else 2048)})
-    elt = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-    # Within a size the eager reference runs first (its row is the speedup baseline of the others).
-    ordered = (["eager"] if "eager" in providers else []) + [p for p in providers if p != "eager"]
     # The batched case is cheap: run it first, so that the time budget can only cut the largest B*H=12 grids.
-    # Our providers first over every size, then the baselines: a time budget (--max-total-min) cuts baselines at
-    # the largest sizes, never our rows. Speedups are computed at the end from the whole file, so order is free.
-    ours = ["torch", "triton"]
-    phases = [[p for p in ordered if p in ours], [p for p in ordered if p not in ours]]
     for phase in phases:
         for dtype in args.dtype_list:
             for case, batch, grids in sorted(case_list, key=lambda c: -CASE_ORDER.get(c[0], 0)):
                 for grid in grids:
                     n = n_tokens(grid)
-                    for provider in [p for p in ordered if p in phase]:
+                    for provider in phase:
                         row = {"provider": provider, "case": case, "grid": f"{grid[0]}x{grid[1]}", "h": grid[0],
                                "w": grid[1], "batch": batch, "heads": HEADS, "dim": HEAD_DIM, "n_tokens": n,
                                "dtype": dtype, "similarity": args.similarity, "sigma": SIGMA, "prefix": PREFIX,
                                "shape_qkv": [batch, HEADS, n, HEAD_DIM],
                                "flops": attention_flops(batch, HEADS, n, HEAD_DIM, args.similarity),
-                               "bytes": attention_bytes(batch, HEADS, n, HEAD_DIM, elt[dtype], args.similarity),
+                               "bytes": attention_bytes(batch, HEADS, n, HEAD_DIM, common.ELEMENT_BYTES[dtype],
+                                                        args.similarity),
                                "label": f"{case} {grid[0]}x{grid[1]} {dtype}"}
                         series = f"{provider}|{case}|{dtype}"
                         mem = eager_memory_estimate(batch, HEADS, n, provider, grid) or None
@@ -301,19 +293,12 @@ def markdown(doc) -> str:
 
 
 def write_outputs(doc, path, plot: bool = True) -> None:
-    md = markdown(doc)
-    path.with_suffix(".md").write_text(md + "\n")
-    print()
-    print(md)
-    if plot:
-        png = common.plot(doc, path.with_suffix(".png"), x=lambda r: r["n_tokens"], xlabel="tokens N (= 1 + h*w)",
-                          series=lambda r: f"{r['provider']} ({r['case']}, {r['dtype']})",
-                          variant=lambda r: f"{r['case']}, {r['dtype']}",
-                          title="neighbour-aware attention (kk, sigma=5, 12 heads, D=64)")
-        if png:
-            print(f"\nwrote {path}, {path.with_suffix('.md')}, {png}")
-    else:
-        print(f"\nwrote {path}")
+    common.write_outputs(doc, path, markdown(doc), plot_enabled=plot,
+                         x=lambda r: r["n_tokens"],
+                         xlabel="tokens N (= 1 + h*w)",
+                         series=lambda r: f"{r['provider']} ({r['case']}, {r['dtype']})",
+                         variant=lambda r: f"{r['case']}, {r['dtype']}",
+                         title="neighbour-aware attention (kk, sigma=5, 12 heads, D=64)")
 
 
 if __name__ == "__main__":

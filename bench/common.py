@@ -882,3 +882,35 @@ def finalize_args(args, gpu_dtypes: str = "float16,bfloat16", cpu_dtypes: str = 
     if os.environ.get("TRITON_INTERPRET") == "1" and args.no_isolate:
         print("warning: TRITON_INTERPRET=1 with --no-isolate: Triton kernels would run interpreted; unset it for "
               "benchmarks", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared by the sweeps
+# ----------------------------------------------------------------------------------------------------------------
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+OUR_PROVIDERS = ("torch", "triton")
+
+
+def provider_phases(providers: Sequence[str], known: Sequence[str], baseline: str,
+                    ours: Sequence[str] = OUR_PROVIDERS) -> List[List[str]]:
+    """Validate ``providers`` against ``known`` and order them for a sweep.
+
+    Within a size the ``baseline`` runs first (its row is the speedup baseline of the others). Our providers run
+    over every size before the baselines do, so a time budget (``--max-total-min``) can only cut baseline rows at
+    the largest sizes, never ours. Speedups are computed from the whole file at the end, so the order is free.
+    """
+    unknown = set(providers) - set(known)
+    if unknown:
+        raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {list(known)}")
+    ordered = ([baseline] if baseline in providers else []) + [p for p in providers if p != baseline]
+    return [[p for p in ordered if p in ours], [p for p in ordered if p not in ours]]
+
+
+def write_outputs(doc: Dict[str, Any], path: Path, markdown_text: str, *, plot_enabled: bool = True,
+                  **plot_kwargs: Any) -> None:
+    """Write ``<path>.md``, print the table, and plot ``<path>.png`` with :func:`plot` (``plot_kwargs``)."""
+    path.with_suffix(".md").write_text(markdown_text + "\n")
+    print()
+    print(markdown_text)
+    png = plot(doc, path.with_suffix(".png"), **plot_kwargs) if plot_enabled else None
+    print(f"\nwrote {path}, {path.with_suffix('.md')}, {png}" if png else f"\nwrote {path}")

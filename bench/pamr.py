@@ -109,9 +109,7 @@ def main(argv=None) -> Dict[str, Any]:
 def run(args) -> Dict[str, Any]:
     common.finalize_args(args, gpu_dtypes="float32,float16", total_min=7.0)
     providers = args.provider_list or PROVIDERS
-    unknown = set(providers) - set(PROVIDERS)
-    if unknown:
-        raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {PROVIDERS}")
+    phases = common.provider_phases(providers, PROVIDERS, baseline="reference")
     images = QUICK_IMAGES if args.quick else IMAGES
     queries = QUICK_QUERIES if args.quick else QUERIES
     if args.images:
@@ -125,23 +123,18 @@ def run(args) -> Dict[str, Any]:
     sweep = common.Sweep("pamr", args, ["provider", "image", "classes", "dtype"], config)
     sweep.add_reference_rates({"matmul": common.measure_matmul_rate(args.device, n=512 if args.quick else 2048),
                                "copy": common.measure_copy_rate(args.device, mbytes=32 if args.quick else 256)})
-    elt = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-    ordered = (["reference"] if "reference" in providers else []) + [p for p in providers if p != "reference"]
-    # Our providers first over every size, then the reference: a time budget cuts reference rows, not ours.
-    ours = ["torch", "triton"]
-    phases = [[p for p in ordered if p in ours], [p for p in ordered if p not in ours]]
     for phase in phases:
         for dtype in args.dtype_list:
             for height, width in images:
                 for classes in queries:
-                    for provider in [p for p in ordered if p in phase]:
+                    for provider in phase:
                         mask_h, mask_w = -(-height // PATCH), -(-width // PATCH)
                         row = {"provider": provider, "image": f"{height}x{width}", "height": height, "width": width,
                                "classes": classes, "mask_h": mask_h, "mask_w": mask_w, "dtype": dtype,
                                "num_iter": NUM_ITER, "dilations": list(DILATIONS),
                                "shape_image": [1, CHANNELS, height, width], "shape_mask": [1, classes, mask_h, mask_w],
                                "flops": pamr_flops(classes, height, width),
-                               "bytes": pamr_bytes(classes, height, width, elt[dtype]),
+                               "bytes": pamr_bytes(classes, height, width, common.ELEMENT_BYTES[dtype]),
                                "label": f"{height}x{width} C={classes} {dtype}"}
                         mem = reference_memory_estimate(classes, height, width) if provider == "reference" else None
                         sweep.run(row, TARGET, series=f"{provider}|{dtype}", cost=float(classes + 8) * height * width,
@@ -162,19 +155,12 @@ def markdown(doc) -> str:
 
 
 def write_outputs(doc, path, plot: bool = True) -> None:
-    md = markdown(doc)
-    path.with_suffix(".md").write_text(md + "\n")
-    print()
-    print(md)
-    if plot:
-        png = common.plot(doc, path.with_suffix(".png"), x=lambda r: r["classes"] * r["height"] * r["width"],
-                          xlabel="queries x pixels (C*H*W)", series=lambda r: f"{r['provider']} ({r['dtype']})",
-                          variant=lambda r: r["dtype"],
-                          title="PAMR (10 iterations, dilations (8, 16))")
-        if png:
-            print(f"\nwrote {path}, {path.with_suffix('.md')}, {png}")
-    else:
-        print(f"\nwrote {path}")
+    common.write_outputs(doc, path, markdown(doc), plot_enabled=plot,
+                         x=lambda r: r["classes"] * r["height"] * r["width"],
+                         xlabel="queries x pixels (C*H*W)",
+                         series=lambda r: f"{r['provider']} ({r['dtype']})",
+                         variant=lambda r: r["dtype"],
+                         title="PAMR (10 iterations, dilations (8, 16))")
 
 
 if __name__ == "__main__":

@@ -156,9 +156,7 @@ def main(argv=None) -> Dict[str, Any]:
 def run(args) -> Dict[str, Any]:
     common.finalize_args(args, gpu_dtypes="float16", total_min=7.0)
     providers = args.provider_list or PROVIDERS
-    unknown = set(providers) - set(PROVIDERS)
-    if unknown:
-        raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {PROVIDERS}")
+    phases = common.provider_phases(providers, PROVIDERS, baseline="reference", ours=("fast",))
     workloads = dict(QUICK_WORKLOADS if args.quick else WORKLOADS)
     if args.workloads:
         workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
@@ -170,17 +168,13 @@ def run(args) -> Dict[str, Any]:
               "max_call_s": args.max_call_s, "max_memory_gb": args.max_memory_gb, "dtypes": args.dtype_list}
     sweep = common.Sweep("segment", args, ["provider", "workload", "dtype", "model"], config)
     sweep.add_reference_rates({"matmul": common.measure_matmul_rate(args.device, n=512 if args.quick else 2048)})
-    ordered = (["reference"] if "reference" in providers else []) + [p for p in providers if p != "reference"]
     text_dir = tempfile.mkdtemp(prefix="naclip_bench_text_")
-    # The fast path first, then the reference: a time budget cuts reference rows, not ours.
-    ours = ["fast"]
-    phases = [[p for p in ordered if p in ours], [p for p in ordered if p not in ours]]
     for phase in phases:
         for dtype in args.dtype_list:
             for name, (height, width, slide, short_side, preset, queries) in workloads.items():
                 text_cache = os.path.join(text_dir, f"{name}_{dtype}.pt")
                 lines = _class_lines(preset, queries)
-                for provider in [p for p in ordered if p in phase]:
+                for provider in phase:
                     row = {"provider": provider, "workload": name, "image": f"{height}x{width}", "height": height,
                            "width": width, "slide": None if slide is None else list(slide), "short_side": short_side,
                            "queries": queries, "class_lines": lines, "model": model, "dtype": dtype,
@@ -231,20 +225,13 @@ def markdown(doc) -> str:
 
 
 def write_outputs(doc, path, plot: bool = True) -> None:
-    md = markdown(doc)
-    path.with_suffix(".md").write_text(md + "\n")
-    print()
-    print(md)
-    if plot:
-        png = common.plot(doc, path.with_suffix(".png"), x=lambda r: r["height"] * r["width"],
-                          xlabel="image pixels", series=lambda r: f"{r['provider']} ({r['dtype']})",
-                          variant=lambda r: r["dtype"],
-                          title=f"NACLIP segmenter ({doc['config']['model']}, random weights), PAMR on",
-                          ylabel_time="median time per image (s)")
-        if png:
-            print(f"\nwrote {path}, {path.with_suffix('.md')}, {png}")
-    else:
-        print(f"\nwrote {path}")
+    common.write_outputs(doc, path, markdown(doc), plot_enabled=plot,
+                         x=lambda r: r["height"] * r["width"],
+                         xlabel="image pixels",
+                         series=lambda r: f"{r['provider']} ({r['dtype']})",
+                         variant=lambda r: r["dtype"],
+                         title=f"NACLIP segmenter ({doc['config']['model']}, random weights), PAMR on",
+                         ylabel_time="median time per image (s)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Neither path ever forms an ``N x N`` bias: the torch path builds one ``[M, N]`` 
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Optional, Tuple
 
 import torch
