@@ -117,8 +117,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
+def add_model_loading_arguments(g) -> None:
+    """``--model --pretrained --device --dtype --backend``: what every command that loads a model takes
+    (``segment``, ``eval`` and ``serve``); :func:`model_loading_kwargs` turns them into Segmenter arguments."""
     g.add_argument("--model", default="ViT-B-16", help="open_clip ViT name (default: ViT-B-16)")
     g.add_argument("--pretrained", default="openai",
                    help="pretrained tag (default: openai), a local open_clip checkpoint file, or 'none' for random "
@@ -128,6 +129,24 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="model precision (default: float32)")
     g.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "reference"),
                    help="kernel backend for attention and PAMR (default: auto)")
+
+
+def model_loading_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """``model, pretrained, device, dtype, backend`` for :class:`naclip.Segmenter` from the options above
+    (``--pretrained none`` means random weights; the device is checked and defaulted)."""
+    import torch
+
+    pretrained = args.pretrained
+    if pretrained is not None and str(pretrained).strip().lower() in ("none", "random", ""):
+        pretrained = None
+    return dict(model=args.model, pretrained=pretrained, device=_resolve_device(args.device),
+                dtype={"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype],
+                backend=args.backend)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    add_model_loading_arguments(g)
     g.add_argument("--no-pamr", dest="pamr", action="store_false", default=_UNSET,
                    help="skip the PAMR mask refinement (faster, about 3 mIoU lower)")
     g.add_argument("--slide", type=_parse_slide, default=_UNSET, metavar="WxS",
@@ -218,15 +237,7 @@ def _resolve_device(device: Optional[str]) -> str:
 
 def _segmenter_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """Model options for the factory; preset-level settings only when the user gave them."""
-    import torch
-
-    pretrained = args.pretrained
-    if pretrained is not None and str(pretrained).strip().lower() in ("none", "random", ""):
-        pretrained = None
-    kwargs: Dict[str, Any] = dict(
-        model=args.model, pretrained=pretrained, device=_resolve_device(args.device),
-        dtype={"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype],
-        backend=args.backend)
+    kwargs = model_loading_kwargs(args)
     if args.pamr is not _UNSET:
         kwargs["pamr"] = args.pamr
     if args.slide is not _UNSET:

@@ -490,16 +490,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free port)")
+    from naclip.cli import add_model_loading_arguments
+
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-16", help="open_clip ViT name (default: ViT-B-16)")
-    g.add_argument("--pretrained", default="openai",
-                   help="pretrained tag (default: openai), a local open_clip checkpoint file, or 'none' for random "
-                        "weights")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                   help="model dtype (default: float32)")
-    g.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "reference"),
-                   help="kernel backend for attention and PAMR (default: auto)")
+    add_model_loading_arguments(g)
     g.add_argument("--slide", type=_parse_window, default=(224, 112), metavar="CROPxSTRIDE",
                    help="window and stride of the page's 'sliding window' mode (default: 224x112)")
     g.add_argument("--short-side", type=int, default=336, metavar="PX",
@@ -515,30 +509,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def _pretrained(value: Optional[str]) -> Optional[str]:
-    if value is None or str(value).strip().lower() in ("none", "random", ""):
-        return None
-    return value
-
-
-def _resolve_device(device: Optional[str]) -> str:
-    import torch
-
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_segmenter(args: argparse.Namespace):
     """Load the Segmenter once, as the CLI does; each request sets its own classes, window and PAMR."""
-    import torch
-
     from naclip import Segmenter
+    from naclip.cli import model_loading_kwargs
 
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    return Segmenter(model=args.model, pretrained=_pretrained(args.pretrained), classes=["object"],
-                     device=_resolve_device(args.device), dtype=dtype, backend=args.backend,
-                     slide=tuple(args.slide), short_side=args.short_side)
+    return Segmenter(**model_loading_kwargs(args), classes=["object"], slide=tuple(args.slide),
+                     short_side=args.short_side)
 
 
 def _is_loopback(host: str) -> bool:
@@ -555,17 +532,20 @@ def run_serve(args: argparse.Namespace, *, segmenter: Any = None) -> int:
     ``segmenter``: use this one instead of loading ``args.model`` (tests)."""
     from werkzeug.serving import make_server
 
+    from naclip.cli import UserError, model_loading_kwargs
+
     try:
         config = ServerConfig(max_megapixels=args.max_megapixels, max_upload_mb=args.max_upload_mb,
                               max_classes=args.max_classes, queue_size=args.queue_size,
                               queue_timeout=args.queue_timeout, window=tuple(args.slide))
         if args.short_side is not None and args.short_side < 1:
             raise ValueError(f"--short-side must be a positive number of pixels, got {args.short_side}")
-    except ValueError as exc:
+        loading = model_loading_kwargs(args)   # checks --device before the model loads
+    except (ValueError, UserError) as exc:
         print(f"naclip serve: error: {exc}", file=sys.stderr)
         return 2
-    weights = "random weights" if _pretrained(args.pretrained) is None else str(args.pretrained)
-    device = _resolve_device(args.device)
+    weights = "random weights" if loading["pretrained"] is None else str(loading["pretrained"])
+    device = loading["device"]
     config.model_info = {"model": args.model, "pretrained": weights, "device": device, "dtype": args.dtype}
     if segmenter is None:
         print(f"Loading {args.model} ({weights}) on {device}...", file=sys.stderr, flush=True)

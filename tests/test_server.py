@@ -535,3 +535,12 @@ def test_cli_dispatches_serve(monkeypatch):
     monkeypatch.setattr(server, "run_serve", lambda args: seen.setdefault("args", args) and 0)
     assert cli.main(["serve", "--port", "0", "--max-classes", "5", "--pretrained", "none"]) == 0
     assert seen["args"].port == 0 and seen["args"].max_classes == 5 and seen["args"].pretrained == "none"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_serve_checks_the_device_before_loading_a_model(capsys):
+    from naclip.cli import main
+
+    assert main(["serve", "--device", "cuda", "--pretrained", "none", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "Loading" not in err
