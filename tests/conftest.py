@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -13,6 +15,22 @@ requires_triton_interpreter = pytest.mark.skipif(
     not (HAS_TRITON and interpreter_enabled()),
     reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 (set before import); the README test command sets it",
 )
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, *, triton_interpreter: bool = False) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python with this checkout importable; without ``TRITON_INTERPRET`` unless asked.
+
+    Interpret mode is fixed when Triton kernels are decorated (import time), so behaviour that depends on it,
+    such as the refusal of CPU tensors by the compiled Triton backend, can only be checked in another process.
+    """
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    if triton_interpreter:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

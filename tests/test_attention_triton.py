@@ -6,9 +6,6 @@ each slice varies one or two axes around the NACLIP setting (kk, sigma=5, one [C
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,12 +14,11 @@ import naclip_kernels as nk
 from naclip_kernels import reference
 from naclip_kernels._alloc import poison_outputs
 from naclip_kernels.ops import neighbour_attention as na_mod
-from tests.conftest import requires_triton_interpreter
+from tests.conftest import requires_triton_interpreter, run_python
 from tests.tolerances import assert_close_to_reference
 
 pytestmark = requires_triton_interpreter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _inputs(rng, batch, heads, n_tokens, head_dim, dtype, layout="bhnd", magnitude=1.0):
@@ -192,11 +188,9 @@ def test_cpu_without_interpreter_raises_backend_unavailable():
         "except nk.BackendUnavailableError as e:\n"
         "    print('RAISED', e)\n"
     )
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = run_python(code)
     assert "RAISED" in result.stdout, result.stdout + result.stderr
-    assert "TRITON_INTERPRET" in result.stdout
+    assert "TRITON_INTERPRET=1" in result.stdout and "backend='torch'" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from naclip_kernels import BackendUnavailableError
 from naclip_kernels._aot_spec import KernelConfig
 from naclip_kernels._alloc import poison_outputs
 from naclip_kernels.ops import pamr as pamr_mod
-from tests.conftest import requires_triton_interpreter
+from tests.conftest import requires_triton_interpreter, run_python
 from tests.tolerances import assert_close_to_reference
 
 TRITON = pytest.param("triton", marks=requires_triton_interpreter, id="triton")
@@ -308,8 +305,7 @@ def test_triton_on_cpu_without_interpreter_is_refused():
         "except nk.BackendUnavailableError as e:\n"
         "    print('RAISED', e)\n"
     )
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = run_python(code)
     assert "RAISED" in result.stdout and "TRITON_INTERPRET" in result.stdout, result.stdout + result.stderr
 
 
