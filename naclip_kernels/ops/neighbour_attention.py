@@ -437,7 +437,10 @@ def _neighbour_attention_torch(q, k, v, h, w, sigma, prefix_tokens, similarity, 
         return out.to(v.dtype)
     bias_rows = _BiasRows(h, w, sigma, prefix_tokens, k.device, compute)
     budget = _BIAS_SLICE_ELEMENTS_CUDA if k.device.type == "cuda" else _BIAS_SLICE_ELEMENTS
-    block_m = max(1, min(n_tokens, budget // n_tokens))
+    # Equal blocks under the budget: N = 1 + 64*64 would otherwise end in a 1-query block (a whole extra pass over
+    # K and V for one row).
+    num_blocks = -(-n_tokens // max(1, budget // n_tokens))
+    block_m = -(-n_tokens // num_blocks)
     for m0 in range(0, n_tokens, block_m):
         m1 = min(n_tokens, m0 + block_m)
         out[:, :, m0:m1] = attend(m0, m1, bias_rows(m0, m1))
