@@ -189,15 +189,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     else:
         raise ValueError(f"unknown provider {provider!r}")
 
-    try:
-        out = common.measure(call, device=device, warmup=warmup, repeats=spec["repeats"],
-                             max_row_s=spec["max_row_s"], pm=pm, prepare=prepare)
-    except NotImplementedError as exc:
-        raise Unavailable(f"not implemented yet: {exc}")
-    except nk.BackendUnavailableError as exc:
-        raise Unavailable(str(exc))
-    out["threads"] = torch.get_num_threads()
-    return out
+    return common.measure_provider(call, spec, device=device, warmup=warmup, pm=pm, prepare=prepare)
 
 
 # ==============================================================================================================

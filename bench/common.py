@@ -284,6 +284,25 @@ def measure(call: Callable[[], Any], *, device: str, warmup: int = 1, repeats: i
     return out
 
 
+def measure_provider(call: Callable[[], Any], spec: Dict[str, Any], *, device: str, warmup: int,
+                     pm: Optional[PeakMemory] = None, prepare: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+    """:func:`measure` for one provider of a kernel sweep: a backend that cannot run here (or an op not written
+    yet) becomes an :class:`Unavailable` row with its reason instead of a crash; records the thread count."""
+    import torch
+
+    from naclip_kernels import BackendUnavailableError
+
+    try:
+        out = measure(call, device=device, warmup=warmup, repeats=spec["repeats"], max_row_s=spec["max_row_s"],
+                      pm=pm, prepare=prepare)
+    except NotImplementedError as exc:
+        raise Unavailable(f"not implemented yet: {exc}")
+    except BackendUnavailableError as exc:
+        raise Unavailable(str(exc))
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
 def warm_libraries(device: str) -> None:
     """Initialise the math libraries and thread pools before the baseline, so their one-off memory is not counted."""
     import torch

@@ -82,15 +82,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
             return nk.pamr(image, mask, num_iter=spec["num_iter"], dilations=dil, backend=provider)
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    try:
-        out = common.measure(call, device=device, warmup=spec["warmup"], repeats=spec["repeats"],
-                             max_row_s=spec["max_row_s"], pm=pm)
-    except NotImplementedError as exc:
-        raise Unavailable(f"not implemented yet: {exc}")
-    except nk.BackendUnavailableError as exc:
-        raise Unavailable(str(exc))
-    out["threads"] = torch.get_num_threads()
-    return out
+    return common.measure_provider(call, spec, device=device, warmup=spec["warmup"], pm=pm)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
