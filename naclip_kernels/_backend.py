@@ -30,9 +30,7 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if not HAS_TRITON:
         return f"Triton is not installed ({TRITON_IMPORT_ERROR}); use backend='torch'"
     if device.type == "cuda":
-        if interpreter_enabled():
-            return None  # the interpreter handles CUDA tensors by copying them through host memory
-        return None
+        return None  # compiled kernels; under the interpreter CUDA tensors go through host memory
     if device.type == "cpu":
         if interpreter_enabled():
             return None

@@ -431,10 +431,9 @@ def _neighbour_attention_torch(q, k, v, h, w, sigma, prefix_tokens, similarity, 
             total = term if total is None else total + term
         return total
 
-    out = empty_output(batch, heads, n_tokens, head_dim, device=k.device, dtype=compute)
     if sigma is None:
-        out[:] = attend(0, n_tokens, None)  # no bias: one fused call over everything
-        return out.to(v.dtype)
+        return attend(0, n_tokens, None).to(v.dtype)  # no bias: one fused call over everything, no block buffer
+    out = empty_output(batch, heads, n_tokens, head_dim, device=k.device, dtype=compute)
     bias_rows = _BiasRows(h, w, sigma, prefix_tokens, k.device, compute)
     budget = _BIAS_SLICE_ELEMENTS_CUDA if k.device.type == "cuda" else _BIAS_SLICE_ELEMENTS
     # Equal blocks under the budget: N = 1 + 64*64 would otherwise end in a 1-query block (a whole extra pass over
