@@ -5,6 +5,7 @@ Public API::
     import naclip_kernels as nk
     out = nk.neighbour_attention(q, k, v, grid=(h, w), sigma=5.0, prefix_tokens=1, similarity="kk")
     refined = nk.pamr(image, mask, num_iter=10, dilations=(8, 16))
+    out = nk.proxy_attention(feats, v, beta=1.2, gamma=3.0)          # ProxyCLIP: [B, M, C], [B, H, M, D]
     nk.reference.neighbour_attention(...), nk.reference.pamr(...)   # eager ground truth
     nk.NeighbourAttention(mha), nk.PAMR()                             # nn.Modules
 
@@ -15,6 +16,7 @@ from naclip_kernels._backend import BACKENDS, BackendUnavailableError
 from naclip_kernels.modules import PAMR, NeighbourAttention
 from naclip_kernels.ops.neighbour_attention import neighbour_attention
 from naclip_kernels.ops.pamr import pamr
+from naclip_kernels.ops.proxy_attention import proxy_attention
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ __all__ = [
     "PAMR",
     "neighbour_attention",
     "pamr",
+    "proxy_attention",
     "reference",
     "__version__",
 ]

@@ -112,3 +112,35 @@ def check_attention_args(q, k, v, grid, sigma, prefix_tokens, similarity, scale,
             raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
         scale = float(scale)
     return h, w, sigma, prefix_tokens, scale
+
+
+MAX_PROXY_CHANNELS = 1280  # largest VFM width the kernels are specified for (ViT-H: 1280)
+
+
+def check_proxy_attention_args(feats, v, beta, gamma, op: str = "proxy_attention"):
+    """Validate the arguments of :func:`proxy_attention`; returns ``(beta, gamma)`` as floats.
+
+    ``feats`` ``[B, M, C]`` (``1 <= C <= 1280``) and ``v`` ``[B, H, M, D]`` share dtype, device, ``B`` and ``M``;
+    ``beta`` is any finite number, ``gamma`` a finite number > 0 (so that ``A < 0`` is the same as
+    ``S < beta * mu``).
+    """
+    feats = check_float_tensor(op, "feats", feats, ndim=3, layout="[B, M, C]")
+    v = check_float_tensor(op, "v", v, ndim=4, layout="[B, H, M, D]")
+    if v.dtype != feats.dtype:
+        raise TypeError(f"{op}: v has dtype {v.dtype} but feats has {feats.dtype}; they must match "
+                        f"(cast feats with feats.to(v.dtype))")
+    if v.device != feats.device:
+        raise ValueError(f"{op}: v is on {v.device} but feats is on {feats.device}; they must be on one device")
+    batch, n_tokens, channels = feats.shape
+    if v.shape[0] != batch or v.shape[2] != n_tokens:
+        raise ValueError(f"{op}: v must be [B, H, M, D] with B={batch} and M={n_tokens} from feats [B, M, C] = "
+                         f"{tuple(feats.shape)}, got v of shape {tuple(v.shape)}")
+    if channels < 1 or channels > MAX_PROXY_CHANNELS:
+        raise ValueError(f"{op}: feats' channel dim C (last dim of [B, M, C]) must be in [1, {MAX_PROXY_CHANNELS}], "
+                         f"got {channels}")
+    if isinstance(beta, bool) or not isinstance(beta, Real):
+        raise TypeError(f"{op}: beta must be a number, got {type(beta).__name__}")
+    if not math.isfinite(float(beta)):
+        raise ValueError(f"{op}: beta must be a finite number, got {beta!r}")
+    gamma = check_positive_float(op, "gamma", gamma, allow_none=False)
+    return float(beta), gamma

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from naclip_kernels._validation import check_attention_args, check_grid, check_int, check_positive_float
+from naclip_kernels._validation import (check_attention_args, check_grid, check_int, check_positive_float,
+                                        check_proxy_attention_args)
 
 __all__ = [
     "gaussian_bias",
@@ -22,6 +23,8 @@ __all__ = [
     "clear_bias_cache",
     "pamr",
     "pamr_affinity",
+    "proxy_attention",
+    "proxyclip_original_attention",
 ]
 
 
@@ -129,6 +132,62 @@ def neighbour_attention(q: Optional[torch.Tensor], k: torch.Tensor, v: torch.Ten
     if sigma is not None:
         bias = _cached_bias(h, w, sigma, prefix_tokens, k.device, _compute_dtype(k.dtype))
     return attention_with_bias(q, k, v, bias, similarity, scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Proxy attention (SPEC.md section 7)
+# --------------------------------------------------------------------------------------------------------------
+def proxy_attention(feats: torch.Tensor, v: torch.Tensor, beta: float = 1.2, gamma: float = 3.0,
+                    backend: str = "reference") -> torch.Tensor:
+    r"""Eager ground truth of :func:`naclip_kernels.proxy_attention` (ProxyCLIP's proxy attention, SPEC.md section 7).
+
+    .. math::
+        \hat x = x / \lVert x \rVert, \quad S = \hat x \hat x^\top, \quad \mu = \mathrm{mean}(S), \quad
+        A = \gamma (S - \beta \mu), \quad A_{tu} \leftarrow -\infty \text{ where } A_{tu} < 0,\ t \ne u, \quad
+        \mathrm{out}_h = \mathrm{softmax}(A)\, v_h
+
+    ``feats`` ``[B, M, C]`` (raw VFM features; L2-normalised here with ``F.normalize``, i.e. a zero vector stays
+    zero), ``v`` ``[B, H, M, D]``; returns ``[B, H, M, D]`` in ``v``'s dtype. ``mu`` is per image (the mean of all
+    ``M * M`` entries); ``A = 0`` exactly is kept; the diagonal is never masked (where ProxyCLIP's own code gives a
+    NaN row, this gives ``out_t = v_t``); one ``[M, M]`` weight matrix is shared by all ``H`` heads. Computes in
+    float32 (float64 for float64 inputs) and materialises ``[B, M, M]`` scores and weights.
+    """
+    if backend not in ("reference", "auto"):
+        raise ValueError(f"reference.proxy_attention: backend must be 'reference' (or 'auto'), got {backend!r}")
+    beta, gamma = check_proxy_attention_args(feats, v, beta, gamma, op="reference.proxy_attention")
+    compute = _compute_dtype(v.dtype)
+    xh = F.normalize(feats.to(compute), dim=-1)
+    similarity = xh @ xh.transpose(-1, -2)                                       # [B, M, M]
+    mu = similarity.mean(dim=(-2, -1), keepdim=True)                             # per image
+    scores = gamma * (similarity - beta * mu)
+    n_tokens = feats.shape[1]
+    off_diagonal = ~torch.eye(n_tokens, dtype=torch.bool, device=feats.device)
+    scores = scores.masked_fill((scores < 0) & off_diagonal, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return (weights.unsqueeze(1) @ v.to(compute)).to(v.dtype)                    # same weights for every head
+
+
+def proxyclip_original_attention(feats: torch.Tensor, v: torch.Tensor, beta: float = 1.2,
+                                 gamma: float = 3.0) -> torch.Tensor:
+    """The proxy attention computed the way ProxyCLIP's own code (mc-lan/ProxyCLIP, ``custom_attn``) computes it.
+
+    The baseline of the benchmarks and the "original" the tests hold :func:`proxy_attention` to: normalise over
+    ``C``, one einsum for ``S``, ``mu`` over the whole batch (its HEAD; per image is the same at batch size 1, the
+    only size its sliding inference sends), ``A < 0 -> -inf`` with no exception for the diagonal (a row whose
+    every entry is masked comes out NaN), the ``[M, M]`` weights repeated over the ``H`` heads in ``v``'s dtype,
+    a softmax over ``[B*H, M, M]`` and one ``bmm``. ``feats`` ``[B, M, C]``, ``v`` ``[B, H, M, D]`` ->
+    ``[B, H, M, D]``, all in the input dtype (no float32 upcast, as in the original).
+    """
+    beta, gamma = check_proxy_attention_args(feats, v, beta, gamma, op="reference.proxyclip_original_attention")
+    batch, heads, n_tokens, head_dim = v.shape
+    feats_bcm = F.normalize(feats.transpose(1, 2), dim=1)                        # [B, C, M], as ex_feats.flatten(2)
+    similarity = torch.einsum("b c m, b c n -> b m n", feats_bcm, feats_bcm)
+    similarity = (similarity - similarity.mean() * beta) * gamma
+    similarity[similarity < 0.0] = float("-inf")
+    mask = similarity.to(v.dtype).unsqueeze(1).repeat(1, heads, 1, 1).reshape(batch * heads, n_tokens, n_tokens)
+    weights = F.softmax(mask, dim=-1)
+    out = torch.bmm(weights, v.reshape(batch * heads, n_tokens, head_dim))
+    return out.view(batch, heads, n_tokens, head_dim)
 
 
 # --------------------------------------------------------------------------------------------------------------
