@@ -31,9 +31,6 @@ def run_python(code: str, *, triton_interpreter: bool = False) -> subprocess.Com
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @pytest.fixture
 def rng(request) -> torch.Generator:
     """A generator seeded from the test id: fresh inputs for every test, the same inputs on every run.
@@ -48,3 +45,26 @@ def rng(request) -> torch.Generator:
 def pytest_report_header(config):
     return (f"torch {torch.__version__}, triton interpreter {'on' if interpreter_enabled() else 'off'}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
+
+
+# CI sets NACLIP_FORBID_SKIPS=1: there every dependency is installed and the interpreter is on, so a skipped test
+# is a check that silently did not run. The run then fails and names the skipped tests.
+_SKIPPED: list = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _SKIPPED and os.environ.get("NACLIP_FORBID_SKIPS") == "1":
+        terminalreporter.write_line(f"NACLIP_FORBID_SKIPS=1: {len(_SKIPPED)} test(s) skipped, failing the run:",
+                                    red=True)
+        for nodeid in _SKIPPED:
+            terminalreporter.write_line(f"  {nodeid}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SKIPPED and os.environ.get("NACLIP_FORBID_SKIPS") == "1" and exitstatus == 0:
+        session.exitstatus = 1

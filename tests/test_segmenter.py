@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,22 +25,11 @@ from naclip.text import OPENAI_IMAGENET_TEMPLATES  # noqa: E402
 from tests.naclip_helpers import random_image, register_tiny_config, tiny_clip  # noqa: E402
 from tests.tolerances import tol  # noqa: E402
 
+ASSETS = Path(__file__).resolve().parent.parent / "naclip" / "assets"
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM weights.*")
 
 CLASSES = ["background", "cat", "sofa, couch", "tree, plant"]
-
-
-def _pamr_available() -> bool:
-    try:
-        naclip_kernels.pamr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 8, 8), num_iter=1, dilations=(1,),
-                            backend="reference")
-        naclip_kernels.pamr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 8, 8), num_iter=1, dilations=(1,))
-        return True
-    except NotImplementedError:
-        return False
-
-
-requires_pamr = pytest.mark.skipif(not _pamr_available(), reason="naclip_kernels.pamr is not implemented yet")
 
 
 def tiny_segmenter(**kwargs) -> Segmenter:
@@ -67,7 +57,7 @@ def _agreement(fast: SegmentationResult, ref: SegmentationResult) -> float:
     return (fast.labels == ref.labels).double().mean().item()
 
 
-@pytest.mark.parametrize("pamr", [False, pytest.param(True, marks=requires_pamr)], ids=["no-pamr", "pamr"])
+@pytest.mark.parametrize("pamr", [False, True], ids=["no-pamr", "pamr"])
 @pytest.mark.parametrize("slide", [(224, 112), None], ids=["slide", "whole"])
 def test_e2e_vit_b16_fused_matches_reference(vit_b16_segmenter, slide, pamr):
     seg = vit_b16_segmenter
@@ -224,15 +214,15 @@ def test_pamr_is_called_at_the_input_size(monkeypatch):
     torch.testing.assert_close(refined.logits, plain.logits * 2)
 
 
-@requires_pamr
 def test_real_pamr_runs():
     result = tiny_segmenter(pamr=True)(random_image(40, 50))
     assert result.labels.shape == (40, 50) and torch.isfinite(result.probs).all()
 
 
-def test_real_photo_from_scikit_image(tmp_path):
-    data = pytest.importorskip("skimage.data")
-    photo = data.astronaut()                       # 512 x 512 RGB, public domain (NASA), shipped by scikit-image
+def test_real_photo_from_the_bundled_assets():
+    # The web app's sample photo (public domain, NASA; naclip/assets/LICENSE.md), so no extra test dependency.
+    photo = np.asarray(load_image(ASSETS / "astronaut.jpg"))
+    assert photo.ndim == 3 and photo.shape[2] == 3
     result = tiny_segmenter()(photo)
     assert result.labels.shape == photo.shape[:2]
 
@@ -353,7 +343,7 @@ def test_load_image_errors(tmp_path):
 
 
 def test_from_real_preset():
-    presets = pytest.importorskip("naclip.presets")
+    from naclip import presets
     preset = presets.get_preset("voc21")
     seg = Segmenter.from_preset("voc21", model=tiny_clip(), pretrained=None, pamr=False, cache_dir=False,
                                 templates=["a photo of a {}."])
@@ -387,7 +377,7 @@ def test_failed_construction_leaves_the_model_unpatched():
     Segmenter(model, None, classes=["cat"], cache_dir=False, templates=["{}"]).close()
 
 
-@pytest.mark.parametrize("pamr", [False, pytest.param(True, marks=requires_pamr)], ids=["no-pamr", "pamr"])
+@pytest.mark.parametrize("pamr", [False, True], ids=["no-pamr", "pamr"])
 def test_triton_kernels_through_the_segmenter(pamr):
     """backend="triton" (the GPU path; on CPU under TRITON_INTERPRET=1) vs backend="reference", tiny model."""
     from tests.conftest import requires_triton_interpreter
