@@ -1,6 +1,7 @@
 """Proxy attention (ProxyCLIP): ``softmax(A) v_h`` with ``A = gamma (xh xh^T - beta mu)``, ``A < 0`` masked.
 
-Layers, bottom up: the memory-lean torch path ``_proxy_attention_torch`` and the public functional
+Layers, bottom up: the Triton forward kernel ``_proxy_attention_fwd_kernel`` and its launcher
+``_proxy_attention_triton``; the memory-lean torch path ``_proxy_attention_torch``; and the public functional
 :func:`proxy_attention` that validates, dispatches and returns. The maths is ``SPEC.md`` section 7; the literal
 eager version is :func:`naclip_kernels.reference.proxy_attention`.
 
@@ -11,15 +12,17 @@ tensor is ever formed, and no ``[H, M, M]`` one.
 """
 from __future__ import annotations
 
-import math
+import inspect
 
 import torch
 import torch.nn.functional as F
 
 from naclip_kernels import reference
 from naclip_kernels._alloc import empty_output
-from naclip_kernels._backend import BackendUnavailableError, resolve_backend
+from naclip_kernels._backend import resolve_backend
+from naclip_kernels._triton_compat import interpreter_enabled, tl, triton
 from naclip_kernels._validation import check_proxy_attention_args
+from naclip_kernels.ops.neighbour_attention import _dot
 
 __all__ = ["proxy_attention"]
 
@@ -35,6 +38,269 @@ def _similarity_mean(xh: torch.Tensor) -> torch.Tensor:
     n_tokens = xh.shape[1]
     total = xh.sum(dim=1)
     return (total * total).sum(dim=-1) / float(n_tokens * n_tokens)
+
+
+LOG2E = 1.4426950408889634
+_MAX_GRID = 65535  # CUDA limit on grid dimensions 1 and 2 (the images go on dimension 2)
+
+
+# ==============================================================================================================
+# Triton kernel and launcher
+# ==============================================================================================================
+# Design:
+#
+# * The problem is one attention with a C-wide "query/key" (the VFM features) and an H*D-wide "value" (all CLIP
+#   heads side by side): the weights do not depend on the head. A program owns BLOCK_M query rows and
+#   CHUNKS * BLOCK_HD value columns, with CHUNKS (<= 4) separate [BLOCK_M, BLOCK_HD] accumulators. For every key
+#   tile it computes the score tile ONCE (a C-loop of BLOCK_C-wide dots) and feeds it to all its column chunks, so
+#   with CHUNKS * BLOCK_HD >= H*D the weights are computed exactly once per query block for all heads. Why chunks
+#   and not one [BLOCK_M, H*D] accumulator: H*D = 768 is not a power of two (tl.arange needs one; padding to 1024
+#   would waste a quarter of the P @ V work), and CHUNKS=3 of 256 covers it exactly. When the accumulators do not
+#   fit the registers (fp32 operands, or H*D > CHUNKS * BLOCK_HD of the config), the column range is split over
+#   grid dimension 1 and the score tile is recomputed per split: that costs (splits - 1) * 2 M^2 C extra flops, so
+#   the autotune lists prefer the widest spill-free CHUNKS * BLOCK_HD.
+# * Normalisation and mu come from a torch pre-pass in O(M*C) (inverse norms r_t = 1 / max(||x_t||, 1e-12), as
+#   F.normalize, and beta * mu with mu = ||sum_t r_t x_t||^2 / M^2): memory-bound reductions that cost ~M*C reads
+#   against the kernel's M^2 (C + H*D) flops, and one less kernel to specialise and AOT-check. The kernel dots the
+#   RAW features (float16/bfloat16 products are exact in float32) and scales by r_t r_u afterwards, so S is as
+#   accurate as float32 accumulation allows; normalising first in float16 would round xh to 11 bits and flip mask
+#   decisions near the threshold.
+# * Mask and softmax in the log2 domain: s2 = gamma log2(e) (S - beta mu); keep = S >= beta mu or the diagonal.
+#   Proper online max, initialised with each row's diagonal score (computed in the prologue from ||x_t||^2 r_t^2,
+#   always kept), so m_i is finite from the start: no (-inf) - (-inf) NaN on rows whose first tiles are fully
+#   masked, and exp2(s2 - m) <= 1 on kept entries whatever rounding does to S_tt versus S_tu.
+# * A key tile whose every entry is masked for all BLOCK_M rows skips the exp, the rescale and every P @ V dot
+#   (real VFM features are spatially coherent: whole tiles of other regions are masked); only its score tile was
+#   paid for.
+# * V and the output are addressed as [M, H*D] through their strides (column j = head j // D, dim j % D), so any
+#   [B, H, M, D] layout works without a copy.
+
+
+@triton.jit
+def _pv_chunk(acc, p, v_base, offs_n64, n_valid, col_off, col_valid, stride_vm, alpha, IEEE: tl.constexpr):
+    """``acc * alpha + p @ V[keys, columns]`` for one column chunk (P rounded to V's dtype, as flash attention)."""
+    vt = tl.load(v_base + offs_n64[:, None] * stride_vm + col_off[None, :],
+                 mask=n_valid[:, None] & col_valid[None, :], other=0.0)
+    return _dot(p.to(vt.dtype), vt, acc * alpha[:, None], IEEE)
+
+
+@triton.jit
+def _column_offsets(chunk, BLOCK_HD: tl.constexpr, col0, hd, head_dim, stride_vh, stride_vd):
+    """Element offsets of value columns ``col0 + chunk * BLOCK_HD + [0, BLOCK_HD)`` of the [M, H*D] view."""
+    cols = col0 + chunk * BLOCK_HD + tl.arange(0, BLOCK_HD)
+    valid = cols < hd
+    head = (cols // head_dim).to(tl.int64)
+    dim = (cols % head_dim).to(tl.int64)
+    return head * stride_vh + dim * stride_vd, valid
+
+
+@triton.jit
+def _store_chunk(o_base, offs_m64, m_valid, acc, inv_l, chunk, BLOCK_HD: tl.constexpr, col0, hd, head_dim,
+                 stride_om, stride_oh, stride_od):
+    off, valid = _column_offsets(chunk, BLOCK_HD, col0, hd, head_dim, stride_oh, stride_od)
+    tl.store(o_base + offs_m64[:, None] * stride_om + off[None, :], (acc * inv_l[:, None]).to(o_base.dtype.element_ty),
+             mask=m_valid[:, None] & valid[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "C", "hd", "head_dim", "gamma_log2", "m_bucket"])
+def _proxy_attention_fwd_kernel(
+    x_ptr, r_ptr, thr_ptr, v_ptr, o_ptr,
+    stride_xb, stride_xm, stride_xc,
+    stride_rb,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    M, C, hd, head_dim, gamma_log2, m_bucket,
+    IEEE: tl.constexpr, CHUNKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HD: tl.constexpr,
+):
+    """Proxy attention for BLOCK_M query rows and CHUNKS * BLOCK_HD value columns of one image.
+
+    ``x`` ``[B, M, C]`` raw features, ``r`` ``[B, M]`` float32 inverse norms, ``thr`` ``[B]`` float32 ``beta * mu``,
+    ``v`` / ``o`` ``[B, H, M, D]`` by strides (``hd = H * D``), ``gamma_log2 = gamma * log2(e)``. ``m_bucket`` is only
+    an autotuning key. float32 accumulation; IEEE: float32 operands without TF32.
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)  # int64 before stride math: B*M*C and B*H*M*D may exceed 2^31
+    x_base = x_ptr + pid_b * stride_xb
+    r_base = r_ptr + pid_b * stride_rb
+    v_base = v_ptr + pid_b * stride_vb
+    o_base = o_ptr + pid_b * stride_ob
+    thr = tl.load(thr_ptr + pid_b)
+    col0 = pid_c * (CHUNKS * BLOCK_HD)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < M
+    offs_m64 = offs_m.to(tl.int64)
+    r_q = tl.load(r_base + offs_m64, mask=m_valid, other=0.0)
+
+    # Prologue: each row's diagonal score (never masked) starts the online max.
+    sq = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        xq = tl.load(x_base + offs_m64[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                     mask=m_valid[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+        sq += tl.sum(xq * xq, 1)
+    m_i = (sq * r_q * r_q - thr) * gamma_log2
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+
+    off0, ok0 = _column_offsets(0, BLOCK_HD, col0, hd, head_dim, stride_vh, stride_vd)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_HD], tl.float32)
+    if CHUNKS > 1:
+        off1, ok1 = _column_offsets(1, BLOCK_HD, col0, hd, head_dim, stride_vh, stride_vd)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_HD], tl.float32)
+    if CHUNKS > 2:
+        off2, ok2 = _column_offsets(2, BLOCK_HD, col0, hd, head_dim, stride_vh, stride_vd)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_HD], tl.float32)
+    if CHUNKS > 3:
+        off3, ok3 = _column_offsets(3, BLOCK_HD, col0, hd, head_dim, stride_vh, stride_vd)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_HD], tl.float32)
+
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < M
+        offs_n64 = offs_n.to(tl.int64)
+        dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_valid = (offs_c < C)[None, :]
+            xq = tl.load(x_base + offs_m64[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                         mask=m_valid[:, None] & c_valid, other=0.0)
+            xk = tl.load(x_base + offs_n64[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                         mask=n_valid[:, None] & c_valid, other=0.0)
+            dots = _dot(xq, tl.trans(xk), dots, IEEE)
+        r_k = tl.load(r_base + offs_n64, mask=n_valid, other=0.0)
+        sim = dots * r_q[:, None] * r_k[None, :]
+        keep = ((sim >= thr) | (offs_m[:, None] == offs_n[None, :])) & n_valid[None, :]
+        if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:  # else: the whole tile is masked, nothing to add
+            s2 = (sim - thr) * gamma_log2
+            m_new = tl.maximum(m_i, tl.max(tl.where(keep, s2, float("-inf")), 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.where(keep, tl.exp2(s2 - m_new[:, None]), 0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            acc0 = _pv_chunk(acc0, p, v_base, offs_n64, n_valid, off0, ok0, stride_vm, alpha, IEEE)
+            if CHUNKS > 1:
+                acc1 = _pv_chunk(acc1, p, v_base, offs_n64, n_valid, off1, ok1, stride_vm, alpha, IEEE)
+            if CHUNKS > 2:
+                acc2 = _pv_chunk(acc2, p, v_base, offs_n64, n_valid, off2, ok2, stride_vm, alpha, IEEE)
+            if CHUNKS > 3:
+                acc3 = _pv_chunk(acc3, p, v_base, offs_n64, n_valid, off3, ok3, stride_vm, alpha, IEEE)
+
+    # Valid rows saw their diagonal (l_i >= ~1); padding rows may have l_i = 0 and are not stored.
+    inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    _store_chunk(o_base, offs_m64, m_valid, acc0, inv_l, 0, BLOCK_HD, col0, hd, head_dim, stride_om, stride_oh,
+                 stride_od)
+    if CHUNKS > 1:
+        _store_chunk(o_base, offs_m64, m_valid, acc1, inv_l, 1, BLOCK_HD, col0, hd, head_dim, stride_om, stride_oh,
+                     stride_od)
+    if CHUNKS > 2:
+        _store_chunk(o_base, offs_m64, m_valid, acc2, inv_l, 2, BLOCK_HD, col0, hd, head_dim, stride_om, stride_oh,
+                     stride_od)
+    if CHUNKS > 3:
+        _store_chunk(o_base, offs_m64, m_valid, acc3, inv_l, 3, BLOCK_HD, col0, hd, head_dim, stride_om, stride_oh,
+                     stride_od)
+
+
+# Tuning space: (BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_HD, MAX_CHUNKS, num_warps, num_stages); the first entry of each
+# list is the default (the interpreter, or no autotuning). A launch uses CHUNKS = min(MAX_CHUNKS, cdiv(H*D,
+# BLOCK_HD)) accumulators, so each entry stands for up to MAX_CHUNKS kernel specialisations.
+_HALF_TUNE = ((64, 64, 64, 128, 2, 8, 2), (64, 32, 64, 128, 2, 4, 2), (32, 64, 64, 128, 2, 4, 2))
+_FP32_TUNE = ((16, 32, 32, 64, 1, 4, 2),)
+
+
+def _tune_configs(dtype_bytes):
+    return _FP32_TUNE if dtype_bytes == 4 else _HALF_TUNE
+
+
+def _chunks(hd, block_hd, max_chunks):
+    return max(1, min(max_chunks, triton.cdiv(hd, block_hd)))
+
+
+def _specialise(base, hd):
+    """A tuning entry as the concrete (BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_HD, CHUNKS, num_warps, num_stages)."""
+    bm, bn, bc, bh, max_chunks, nw, ns = base
+    return bm, bn, bc, bh, _chunks(hd, bh, max_chunks), nw, ns
+
+
+def _default_config(dtype_bytes, hd):
+    return _specialise(_tune_configs(dtype_bytes)[0], hd)
+
+
+def _config_tuple(c):
+    kw = c.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_C"], kw["BLOCK_HD"], kw["CHUNKS"], c.num_warps, c.num_stages
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotuner early prune: this dtype's spill-free entries, specialised to this H*D (never empty)."""
+    hd = named_args["hd"]
+    allowed = {_specialise(base, hd) for base in _tune_configs(named_args["v_ptr"].element_size())}
+    return [c for c in configs if _config_tuple(c) in allowed]
+
+
+# Every concrete specialisation of every entry: CHUNKS = 1..MAX_CHUNKS.
+_TUNE_SPACE = tuple(dict.fromkeys(
+    (bm, bn, bc, bh, chunks, nw, ns)
+    for bm, bn, bc, bh, max_chunks, nw, ns in _HALF_TUNE + _FP32_TUNE for chunks in range(1, max_chunks + 1)))
+
+_proxy_attention_fwd_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_HD": bh, "CHUNKS": ch},
+                           num_warps=nw, num_stages=ns) for bm, bn, bc, bh, ch, nw, ns in _TUNE_SPACE],
+    key=["m_bucket", "C", "hd", "IEEE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_proxy_attention_fwd_kernel)
+
+
+def _proxy_attention_prepass(feats: torch.Tensor, beta: float):
+    """``(r [B, M], thr [B])`` float32: inverse norms as ``F.normalize`` (``1 / max(||x||, 1e-12)``) and
+    ``beta * mu`` with ``mu = ||sum_t r_t x_t||^2 / M^2``. O(B * M * C)."""
+    compute = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    x = feats.to(compute)
+    r = 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12)
+    mu = _similarity_mean(x * r[..., None])
+    return r.to(torch.float32).contiguous(), (beta * mu).to(torch.float32).contiguous()
+
+
+def _proxy_attention_triton(feats, v, beta, gamma, *, config=None, autotune=None):
+    """Launch the fused forward kernel. Arguments as validated by :func:`proxy_attention`.
+
+    float16 / bfloat16 / float32 inputs, any strides; output ``[B, H, M, D]`` contiguous in the input dtype.
+    float32 inputs use IEEE float32 dots (no TF32: TF32's 10-bit products would flip mask decisions near the
+    threshold). ``config``: ``(BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_HD, CHUNKS, num_warps, num_stages)`` bypassing
+    autotuning; ``autotune`` forces (True) or avoids (False) the autotuner (default: autotune unless interpreting).
+    """
+    if v.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"proxy_attention: backend='triton' supports float16, bfloat16 and float32 inputs, got "
+                        f"{v.dtype}; use backend='torch' for {v.dtype}")
+    batch, heads, n_tokens, head_dim = v.shape
+    channels = feats.shape[-1]
+    hd = heads * head_dim
+    out = empty_output(batch, heads, n_tokens, head_dim, dtype=v.dtype, device=v.device)
+    r, thr = _proxy_attention_prepass(feats, beta)
+    interpreting = interpreter_enabled()
+    # Under the interpreter bfloat16 dots are done on upcast operands (its NumPy dot mishandles bfloat16 storage).
+    ieee = v.dtype == torch.float32 or (interpreting and v.dtype == torch.bfloat16)
+    m_bucket = triton.next_power_of_2(n_tokens)
+    if autotune is None:
+        autotune = not interpreting
+    if config is None and not autotune:
+        config = _default_config(v.element_size(), hd)
+    for b0 in range(0, batch, _MAX_GRID):
+        b1 = min(batch, b0 + _MAX_GRID)
+        xs, rs, ts, vs, os_ = feats[b0:b1], r[b0:b1], thr[b0:b1], v[b0:b1], out[b0:b1]
+        args = (xs, rs, ts, vs, os_, *xs.stride(), rs.stride(0), *vs.stride(), *os_.stride(),
+                n_tokens, channels, hd, head_dim, gamma * LOG2E, m_bucket)
+        if config is None:
+            grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]),  # noqa: E731
+                                 triton.cdiv(hd, meta["CHUNKS"] * meta["BLOCK_HD"]), b1 - b0)
+            _proxy_attention_fwd_tuned[grid](*args, IEEE=ieee)
+        else:
+            bm, bn, bc, bh, chunks, nw, ns = config
+            grid = (triton.cdiv(n_tokens, bm), triton.cdiv(hd, chunks * bh), b1 - b0)
+            _proxy_attention_fwd_kernel[grid](*args, IEEE=ieee, CHUNKS=chunks, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
+                                              BLOCK_HD=bh, num_warps=nw, num_stages=ns)
+    return out
 
 
 # ==============================================================================================================
@@ -176,7 +442,5 @@ def proxy_attention(feats: torch.Tensor, v: torch.Tensor, beta: float = 1.2, gam
     if v.numel() == 0:
         return torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if chosen == "triton":
-        if backend == "auto":
-            return _proxy_attention_torch(feats, v, beta, gamma)
-        raise BackendUnavailableError("proxy_attention: the Triton kernel is not built yet; use backend='torch'")
+        return _proxy_attention_triton(feats, v, beta, gamma)
     return _proxy_attention_torch(feats, v, beta, gamma)
