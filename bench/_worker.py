@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from bench.common import call_target
+from bench.isolation import call_target
 
 
 def main(argv=None) -> int:

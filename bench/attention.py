@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List, Optional, Tuple
 
-from bench import common
-from bench.common import Unavailable
+from bench import cli_args, machine, memory, results_io, sweep, tables, timing
+from bench.isolation import Unavailable
 
 TARGET = "bench.attention:run_one"
 PROVIDERS = ["eager", "eager_first", "sdpa", "flex", "torch", "triton"]
@@ -118,7 +118,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     n = prefix + grid[0] * grid[1]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Unavailable("no CUDA device")
-    common.warm_libraries(device)
+    timing.warm_libraries(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(batch, heads, n, dim, generator=gen).to(device=device, dtype=dtype)
     k = torch.randn(batch, heads, n, dim, generator=gen).to(device=device, dtype=dtype)
@@ -132,7 +132,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     else:
         raise Unavailable(f"similarity {similarity!r}: only kk, qq, qk have a single-pair SDPA/Flex equivalent")
     scale = dim ** -0.5
-    pm = common.PeakMemory(device)
+    pm = memory.PeakMemory(device)
     pm.set_baseline()
     prepare = None
     warmup = spec["warmup"]
@@ -189,7 +189,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     else:
         raise ValueError(f"unknown provider {provider!r}")
 
-    return common.measure_provider(call, spec, device=device, warmup=warmup, pm=pm, prepare=prepare)
+    return timing.measure_provider(call, spec, device=device, warmup=warmup, pm=pm, prepare=prepare)
 
 
 # ==============================================================================================================
@@ -208,7 +208,7 @@ CASE_ORDER = {"B*H=12": 0, "36 windows": 1}
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m bench attention", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser)
+    cli_args.add_common_args(parser)
     parser.add_argument("--similarity", default="kk", choices=["kk", "qk", "qq"])
     parser.add_argument("--grids", default=None, help="override the grids of the B*H=12 case, e.g. 14x14,64x64")
     parser.add_argument("--max-first-call-s", type=float, default=None,
@@ -226,11 +226,11 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 def run(args) -> Dict[str, Any]:
-    common.finalize_args(args, total_min=11.0)
+    cli_args.finalize_args(args, total_min=11.0)
     if args.max_first_call_s is None:
         args.max_first_call_s = 20.0 if args.quick else 90.0
     providers = args.provider_list or PROVIDERS
-    phases = common.provider_phases(providers, PROVIDERS + OPTIONAL_PROVIDERS, baseline="eager")
+    phases = sweep.provider_phases(providers, PROVIDERS + OPTIONAL_PROVIDERS, baseline="eager")
     case_list = cases(args.quick)
     if args.grids:
         case_list = [(case_list[0][0], 1, _parse_grids(args.grids))] + case_list[1:]
@@ -239,8 +239,8 @@ def run(args) -> Dict[str, Any]:
               "warmup": args.warmup, "repeats": args.repeats, "max_row_s": args.max_row_s,
               "max_call_s": args.max_call_s, "max_first_call_s": args.max_first_call_s,
               "max_memory_gb": args.max_memory_gb, "dtypes": args.dtype_list}
-    sweep = common.Sweep("attention", args, ["provider", "case", "grid", "dtype", "similarity"], config)
-    sweep.add_reference_rates({"matmul": common.measure_matmul_rate(args.device, n=512 if args.quick else 2048)})
+    driver = sweep.Sweep("attention", args, ["provider", "case", "grid", "dtype", "similarity"], config)
+    driver.add_reference_rates({"matmul": machine.measure_matmul_rate(args.device, n=512 if args.quick else 2048)})
     # The batched case is cheap: run it first, so that the time budget can only cut the largest B*H=12 grids.
     for phase in phases:
         for dtype in args.dtype_list:
@@ -253,7 +253,7 @@ def run(args) -> Dict[str, Any]:
                                "dtype": dtype, "similarity": args.similarity, "sigma": SIGMA, "prefix": PREFIX,
                                "shape_qkv": [batch, HEADS, n, HEAD_DIM],
                                "flops": attention_flops(batch, HEADS, n, HEAD_DIM, args.similarity),
-                               "bytes": attention_bytes(batch, HEADS, n, HEAD_DIM, common.ELEMENT_BYTES[dtype],
+                               "bytes": attention_bytes(batch, HEADS, n, HEAD_DIM, sweep.ELEMENT_BYTES[dtype],
                                                         args.similarity),
                                "label": f"{case} {grid[0]}x{grid[1]} {dtype}"}
                         series = f"{provider}|{case}|{dtype}"
@@ -262,17 +262,17 @@ def run(args) -> Dict[str, Any]:
                             est = naclip_conv_macs(grid) / NACLIP_CONV_MACS_PER_S
                             saved, args.max_call_s = args.max_call_s, args.max_first_call_s
                             try:
-                                sweep.run(row, TARGET, series=series, cost=naclip_conv_macs(grid) + batch * n * n,
+                                driver.run(row, TARGET, series=series, cost=naclip_conv_macs(grid) + batch * n * n,
                                           memory_estimate=mem, call_estimate_s=est)
                             finally:
                                 args.max_call_s = saved
                         else:
-                            sweep.run(row, TARGET, series=series, cost=float(batch) * n * n, memory_estimate=mem)
+                            driver.run(row, TARGET, series=series, cost=float(batch) * n * n, memory_estimate=mem)
     provider_rank = {p: i for i, p in enumerate(PROVIDERS + OPTIONAL_PROVIDERS)}
-    doc = sweep.finish(["case", "grid", "dtype", "similarity"], "eager",
+    doc = driver.finish(["case", "grid", "dtype", "similarity"], "eager",
                        sort_key=lambda r: (r.get("dtype", ""), CASE_ORDER.get(r.get("case"), 9), r.get("n_tokens", 0),
                                            provider_rank.get(r.get("provider"), 99)))
-    write_outputs(doc, sweep.path, plot=not args.no_plot)
+    write_outputs(doc, driver.path, plot=not args.no_plot)
     return doc
 
 
@@ -281,11 +281,11 @@ SIZE_COLS = [("case", lambda r: r["case"]), ("grid", lambda r: r["grid"]), ("N",
 
 
 def markdown(doc) -> str:
-    return common.header_markdown(doc) + "\n\n" + common.markdown_table(doc, SIZE_COLS, rate="gflops")
+    return tables.header_markdown(doc) + "\n\n" + tables.markdown_table(doc, SIZE_COLS, rate="gflops")
 
 
 def write_outputs(doc, path, plot: bool = True) -> None:
-    common.write_outputs(doc, path, markdown(doc), plot_enabled=plot,
+    results_io.write_outputs(doc, path, markdown(doc), plot_enabled=plot,
                          x=lambda r: r["n_tokens"],
                          xlabel="tokens N (= 1 + h*w)",
                          series=lambda r: f"{r['provider']} ({r['case']}, {r['dtype']})",

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from bench import common
+from bench import machine, results_io, tables
 from bench.attention import (BATCHED_GRIDS, GRIDS, HEAD_DIM, HEADS, attention_bytes, attention_flops, n_tokens)
 from bench.pamr import DILATIONS, IMAGES, NUM_ITER, QUERIES, pamr_bytes, pamr_flops
 
@@ -145,7 +145,7 @@ def pamr_estimates(peaks: Dict[str, float]) -> List[Dict]:
 
 
 def roofline_markdown(att: List[Dict], pam: List[Dict], peaks: Dict[str, float]) -> str:
-    f = common.fmt_time
+    f = tables.fmt_time
     out = [f"**ESTIMATE, not a measurement**: roofline floors on an {peaks['label']} from flop/byte/exp counts "
            f"({peaks['tensor_tflops']:g} TFLOP/s dense fp16 tensor, {peaks['fp32_tflops']:g} TFLOP/s fp32, "
            f"{peaks['hbm_tbs']:g} TB/s HBM, {peaks['sfu_tops']:g} TOP/s exp). Real kernels reach a fraction of the "
@@ -173,8 +173,8 @@ def roofline_markdown(att: List[Dict], pam: List[Dict], peaks: Dict[str, float])
 
 def build(gpu: str = "H100", skip_aot: bool = False, defaults_only: bool = False, jobs: Optional[int] = None,
           ops: Optional[List[str]] = None, head_dims: Optional[List[int]] = None) -> Dict[str, Any]:
-    peaks = common.GPU_PEAKS[gpu]
-    doc: Dict[str, Any] = {"machine": common.machine_info("cpu"), "gpu_assumed": peaks,
+    peaks = machine.GPU_PEAKS[gpu]
+    doc: Dict[str, Any] = {"machine": machine.machine_info("cpu"), "gpu_assumed": peaks,
                            "roofline_is_estimate": True}
     doc["attention_estimates"] = attention_estimates(peaks)
     doc["pamr_estimates"] = pamr_estimates(peaks)
@@ -201,7 +201,7 @@ def markdown(doc: Dict[str, Any]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", default="H100", choices=sorted(common.GPU_PEAKS), help="GPU for the estimate")
+    parser.add_argument("--gpu", default="H100", choices=sorted(machine.GPU_PEAKS), help="GPU for the estimate")
     parser.add_argument("--skip-aot", action="store_true", help="only the roofline estimate (instant)")
     parser.add_argument("--defaults-only", action="store_true", help="compile only the default config per kernel")
     parser.add_argument("--ops", default=None, help="comma-separated ops for the AOT report (default: all)")
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the report as JSON + .md (e.g. bench/results/gpu_report.json)")
     args = parser.parse_args(argv)
-    peaks = common.GPU_PEAKS[args.gpu]
+    peaks = machine.GPU_PEAKS[args.gpu]
     # The estimate is instant: print it first; the AOT compile of every config takes minutes on a small CPU.
     doc = build(args.gpu, skip_aot=True)
     print(roofline_section_markdown(doc), flush=True)
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                                  None if args.head_dims is None else [int(x) for x in args.head_dims.split(",")])
         print(aot_section_markdown(doc), flush=True)
     if args.json:
-        common.save_results(args.json, doc)
+        results_io.save_results(args.json, doc)
         args.json.with_suffix(".md").write_text(markdown(doc) + "\n")
         print(f"\nwrote {args.json} and {args.json.with_suffix('.md')}")
     del peaks

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Optional
 
-from bench import common
-from bench.common import Unavailable
+from bench import cli_args, machine, memory, results_io, sweep, tables, timing
+from bench.isolation import Unavailable
 
 TARGET = "bench.pamr:run_one"
 PROVIDERS = ["reference", "torch", "triton"]
@@ -59,11 +59,11 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     height, width, classes = spec["height"], spec["width"], spec["classes"]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Unavailable("no CUDA device")
-    common.warm_libraries(device)
+    timing.warm_libraries(device)
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(1, CHANNELS, height, width, generator=gen).to(device)            # normalised image, float32
     mask = torch.randn(1, classes, spec["mask_h"], spec["mask_w"], generator=gen).to(device=device, dtype=dtype)
-    pm = common.PeakMemory(device)
+    pm = memory.PeakMemory(device)
     pm.set_baseline()
     dil = tuple(spec["dilations"])
     if provider == "reference":
@@ -82,13 +82,13 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
             return nk.pamr(image, mask, num_iter=spec["num_iter"], dilations=dil, backend=provider)
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    return common.measure_provider(call, spec, device=device, warmup=spec["warmup"], pm=pm)
+    return timing.measure_provider(call, spec, device=device, warmup=spec["warmup"], pm=pm)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m bench pamr", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser)
+    cli_args.add_common_args(parser)
     parser.add_argument("--images", default=None, help="override image sizes, e.g. 336x448,512x683")
     parser.add_argument("--queries", default=None, help="override query counts, e.g. 21,171")
     return parser
@@ -99,9 +99,9 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 def run(args) -> Dict[str, Any]:
-    common.finalize_args(args, gpu_dtypes="float32,float16", total_min=7.0)
+    cli_args.finalize_args(args, gpu_dtypes="float32,float16", total_min=7.0)
     providers = args.provider_list or PROVIDERS
-    phases = common.provider_phases(providers, PROVIDERS, baseline="reference")
+    phases = sweep.provider_phases(providers, PROVIDERS, baseline="reference")
     images = QUICK_IMAGES if args.quick else IMAGES
     queries = QUICK_QUERIES if args.quick else QUERIES
     if args.images:
@@ -112,9 +112,9 @@ def run(args) -> Dict[str, Any]:
               "queries": queries, "providers": providers, "mask": "[1, C, ceil(H/16), ceil(W/16)] logits",
               "warmup": args.warmup, "repeats": args.repeats, "max_row_s": args.max_row_s,
               "max_call_s": args.max_call_s, "max_memory_gb": args.max_memory_gb, "dtypes": args.dtype_list}
-    sweep = common.Sweep("pamr", args, ["provider", "image", "classes", "dtype"], config)
-    sweep.add_reference_rates({"matmul": common.measure_matmul_rate(args.device, n=512 if args.quick else 2048),
-                               "copy": common.measure_copy_rate(args.device, mbytes=32 if args.quick else 256)})
+    driver = sweep.Sweep("pamr", args, ["provider", "image", "classes", "dtype"], config)
+    driver.add_reference_rates({"matmul": machine.measure_matmul_rate(args.device, n=512 if args.quick else 2048),
+                               "copy": machine.measure_copy_rate(args.device, mbytes=32 if args.quick else 256)})
     for phase in phases:
         for dtype in args.dtype_list:
             for height, width in images:
@@ -126,16 +126,16 @@ def run(args) -> Dict[str, Any]:
                                "num_iter": NUM_ITER, "dilations": list(DILATIONS),
                                "shape_image": [1, CHANNELS, height, width], "shape_mask": [1, classes, mask_h, mask_w],
                                "flops": pamr_flops(classes, height, width),
-                               "bytes": pamr_bytes(classes, height, width, common.ELEMENT_BYTES[dtype]),
+                               "bytes": pamr_bytes(classes, height, width, sweep.ELEMENT_BYTES[dtype]),
                                "label": f"{height}x{width} C={classes} {dtype}"}
                         mem = reference_memory_estimate(classes, height, width) if provider == "reference" else None
-                        sweep.run(row, TARGET, series=f"{provider}|{dtype}", cost=float(classes + 8) * height * width,
+                        driver.run(row, TARGET, series=f"{provider}|{dtype}", cost=float(classes + 8) * height * width,
                                   memory_estimate=mem)
     rank = {p: i for i, p in enumerate(PROVIDERS)}
-    doc = sweep.finish(["image", "classes", "dtype"], "reference", compute_peak="fp32_tflops",
+    doc = driver.finish(["image", "classes", "dtype"], "reference", compute_peak="fp32_tflops",
                        sort_key=lambda r: (r.get("dtype", ""), r.get("height", 0) * r.get("width", 0),
                                            r.get("classes", 0), rank.get(r.get("provider"), 99)))
-    write_outputs(doc, sweep.path, plot=not args.no_plot)
+    write_outputs(doc, driver.path, plot=not args.no_plot)
     return doc
 
 
@@ -143,11 +143,11 @@ SIZE_COLS = [("image", lambda r: r["image"]), ("queries", lambda r: r["classes"]
 
 
 def markdown(doc) -> str:
-    return common.header_markdown(doc) + "\n\n" + common.markdown_table(doc, SIZE_COLS, rate="gbps")
+    return tables.header_markdown(doc) + "\n\n" + tables.markdown_table(doc, SIZE_COLS, rate="gbps")
 
 
 def write_outputs(doc, path, plot: bool = True) -> None:
-    common.write_outputs(doc, path, markdown(doc), plot_enabled=plot,
+    results_io.write_outputs(doc, path, markdown(doc), plot_enabled=plot,
                          x=lambda r: r["classes"] * r["height"] * r["width"],
                          xlabel="queries x pixels (C*H*W)",
                          series=lambda r: f"{r['provider']} ({r['dtype']})",

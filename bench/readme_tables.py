@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from bench import common, segment
+from bench import results_io, segment, tables
 
 ATTENTION_PROVIDERS = [("eager", "eager (bias cached)"), ("eager_first", "eager, first call (bias built)"),
                        ("sdpa", "SDPA + bias mask"), ("flex", "FlexAttention (compiled)"),
@@ -27,7 +27,7 @@ def _cell_time(r: Optional[Dict[str, Any]]) -> str:
         return "-"
     if r.get("status") != "ok":
         return {"skipped": "skipped", "unavailable": "n/a"}.get(r.get("status"), str(r.get("status")))
-    txt = common.fmt_time(r["median_s"])
+    txt = tables.fmt_time(r["median_s"])
     if r.get("speedup") is not None and r.get("provider") not in ("eager", "reference"):
         txt += f" ({r['speedup']:.1f}x)"
     return txt
@@ -36,7 +36,7 @@ def _cell_time(r: Optional[Dict[str, Any]]) -> str:
 def _cell_mem(r: Optional[Dict[str, Any]]) -> str:
     if r is None or r.get("status") != "ok":
         return "-"
-    return common.fmt_mb(r.get("peak_mb"))
+    return tables.fmt_mb(r.get("peak_mb"))
 
 
 def pivot(doc: Dict[str, Any], size_cols: Sequence[tuple], providers: Sequence[tuple],
@@ -83,7 +83,7 @@ def render(doc: Dict[str, Any], bench: str) -> str:
         providers = SEGMENT_PROVIDERS
         title = f"Whole segmenter ({doc.get('config', {}).get('model', 'ViT-B-16')}, random weights, PAMR on)"
     dtypes = sorted({r.get("dtype") for r in doc["rows"]})
-    out = [f"#### {title}", "", f"_{common.header_markdown(doc)}_", ""]
+    out = [f"#### {title}", "", f"_{tables.header_markdown(doc)}_", ""]
     for dtype in dtypes:
         sub = dict(doc, rows=[r for r in doc["rows"] if r.get("dtype") == dtype])
         out += [f"{dtype}: median time per call (speedup over the eager reference, same run)", "",
@@ -106,15 +106,15 @@ def render(doc: Dict[str, Any], bench: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.readme_tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--dir", type=Path, default=results_io.RESULTS_DIR)
     parser.add_argument("--quick", action="store_true", help="render the *_quick.json smoke results")
     parser.add_argument("--benches", default="attention,pamr,segment")
     args = parser.parse_args(argv)
     found_cuda = False
     for bench in args.benches.split(","):
         for device in ("cpu", "cuda"):
-            path = common.results_path(bench, device, args.quick, args.dir)
-            doc = common.load_results(path)
+            path = results_io.results_path(bench, device, args.quick, args.dir)
+            doc = results_io.load_results(path)
             if doc is None:
                 if device == "cpu":
                     print(f"<!-- no {path.name} yet: run python -m bench {bench} -->\n")

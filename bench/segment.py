@@ -25,8 +25,8 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from bench import common
-from bench.common import Unavailable
+from bench import cli_args, machine, memory, results_io, stats, sweep, tables, timing
+from bench.isolation import Unavailable
 
 TARGET = "bench.segment:run_one"
 PROVIDERS = ["reference", "fast"]
@@ -79,7 +79,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec["dtype"]]
     provider = spec["provider"]
     backend = "reference" if provider == "reference" else "auto"
-    common.warm_libraries(device)
+    timing.warm_libraries(device)
     kwargs = dict(model=spec["model"], pretrained=None, classes=spec["class_lines"], device=device, dtype=dtype,
                   slide=None if spec["slide"] is None else tuple(spec["slide"]), short_side=spec["short_side"],
                   pamr=True, backend=backend, window_batch_size=spec["window_batch_size"], cache_dir=False)
@@ -105,17 +105,17 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
             seg._query_embeddings = cached
             text_note = "reused from the first row of this workload"
     if text_note == "encoded in this row":
-        common._sync(device)
+        timing.sync(device)
         t0 = time.perf_counter()
         text = seg.query_embeddings               # first-run text encoding (80 templates per query)
-        common._sync(device)
+        timing.sync(device)
         text_encode_s = time.perf_counter() - t0
         if cache_file:
             torch.save(text.detach().cpu(), cache_file)
     text = seg.query_embeddings
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(3, spec["height"], spec["width"], generator=gen)
-    pm = common.PeakMemory(device)
+    pm = memory.PeakMemory(device)
     pm.set_baseline()
     stages: Dict[str, List[float]] = {}
 
@@ -125,11 +125,11 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
             stages.setdefault(name, []).append(value)
         return result
 
-    out = common.measure(call, device=device, warmup=spec["warmup"], repeats=spec["repeats"],
+    out = timing.measure(call, device=device, warmup=spec["warmup"], repeats=spec["repeats"],
                          max_row_s=spec["max_row_s"], pm=pm)
     # Keep the stage timings of the timed calls only (the last n of them).
     n = out["n"]
-    out["stage_median_s"] = {name: common.percentile(values[-n:], 50) for name, values in stages.items()}
+    out["stage_median_s"] = {name: stats.percentile(values[-n:], 50) for name, values in stages.items()}
     out["images_per_s"] = 1.0 / out["median_s"]
     out["init_s"] = init_s
     out["text_encode_s"] = text_encode_s
@@ -142,7 +142,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m bench segment", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser)
+    cli_args.add_common_args(parser)
     parser.add_argument("--workloads", default=None, help="comma-separated subset of: " + ", ".join(WORKLOADS))
     parser.add_argument("--model", default=None, help=f"open_clip model name (default {MODEL})")
     parser.add_argument("--window-batch-size", type=int, default=16, help="windows per forward pass for 'fast'")
@@ -154,9 +154,9 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 def run(args) -> Dict[str, Any]:
-    common.finalize_args(args, gpu_dtypes="float16", total_min=7.0)
+    cli_args.finalize_args(args, gpu_dtypes="float16", total_min=7.0)
     providers = args.provider_list or PROVIDERS
-    phases = common.provider_phases(providers, PROVIDERS, baseline="reference", ours=("fast",))
+    phases = sweep.provider_phases(providers, PROVIDERS, baseline="reference", ours=("fast",))
     workloads = dict(QUICK_WORKLOADS if args.quick else WORKLOADS)
     if args.workloads:
         workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
@@ -166,8 +166,8 @@ def run(args) -> Dict[str, Any]:
               "reference_window_batch_size": 1, "pamr": {"num_iter": 10, "dilations": [8, 16]},
               "warmup": args.warmup, "repeats": args.repeats, "max_row_s": args.max_row_s,
               "max_call_s": args.max_call_s, "max_memory_gb": args.max_memory_gb, "dtypes": args.dtype_list}
-    sweep = common.Sweep("segment", args, ["provider", "workload", "dtype", "model"], config)
-    sweep.add_reference_rates({"matmul": common.measure_matmul_rate(args.device, n=512 if args.quick else 2048)})
+    driver = sweep.Sweep("segment", args, ["provider", "workload", "dtype", "model"], config)
+    driver.add_reference_rates({"matmul": machine.measure_matmul_rate(args.device, n=512 if args.quick else 2048)})
     text_dir = tempfile.mkdtemp(prefix="naclip_bench_text_")
     for phase in phases:
         for dtype in args.dtype_list:
@@ -184,17 +184,17 @@ def run(args) -> Dict[str, Any]:
                            "label": f"{name} {height}x{width} Q={queries}"}
                     mem = pamr_reference_memory(queries, height, width) if provider == "reference" else None
                     # Generous subprocess timeout: the first row of a workload also encodes 56 x 80 prompts.
-                    sweep.run(row, TARGET, series=f"{provider}|{name}|{dtype}", cost=1.0, memory_estimate=mem,
+                    driver.run(row, TARGET, series=f"{provider}|{name}|{dtype}", cost=1.0, memory_estimate=mem,
                               extra_spec={"text_cache_file": text_cache}, timeout_s=1800.0)
     rank = {p: i for i, p in enumerate(PROVIDERS)}
     order = {name: i for i, name in enumerate(workloads)}
-    doc = sweep.finish(["workload", "dtype", "model"], "reference",
+    doc = driver.finish(["workload", "dtype", "model"], "reference",
                        sort_key=lambda r: (r.get("dtype", ""), order.get(r.get("workload"), 99),
                                            rank.get(r.get("provider"), 99)))
     import shutil
 
     shutil.rmtree(text_dir, ignore_errors=True)
-    write_outputs(doc, sweep.path, plot=not args.no_plot)
+    write_outputs(doc, driver.path, plot=not args.no_plot)
     return doc
 
 
@@ -205,12 +205,12 @@ SIZE_COLS = [("workload", lambda r: r["workload"]), ("image", lambda r: r["image
 
 def _text_cell(r) -> str:
     if r.get("text_encode_s") is not None:
-        return common.fmt_time(r["text_encode_s"])
+        return tables.fmt_time(r["text_encode_s"])
     return "(reused, see the first row)" if r.get("text_encode_note", "").startswith("reused") else "-"
 
 
 def markdown(doc) -> str:
-    table = common.markdown_table(doc, SIZE_COLS, rate=None)
+    table = tables.markdown_table(doc, SIZE_COLS, rate=None)
     # Second table: throughput, stage split and the one-off costs.
     lines = ["| workload | provider | images/s | encode | pamr | first-run text encoding | model build |",
              "|---|---|---|---|---|---|---|"]
@@ -219,13 +219,13 @@ def markdown(doc) -> str:
             continue
         st = r.get("stage_median_s", {})
         lines.append(f"| {r['workload']} | {r['provider']} | {r['images_per_s']:.3f} | "
-                     f"{common.fmt_time(st.get('encode'))} | {common.fmt_time(st.get('pamr'))} | "
-                     f"{_text_cell(r)} | {common.fmt_time(r.get('init_s'))} |")
-    return common.header_markdown(doc) + "\n\n" + table + "\n\n" + "\n".join(lines)
+                     f"{tables.fmt_time(st.get('encode'))} | {tables.fmt_time(st.get('pamr'))} | "
+                     f"{_text_cell(r)} | {tables.fmt_time(r.get('init_s'))} |")
+    return tables.header_markdown(doc) + "\n\n" + table + "\n\n" + "\n".join(lines)
 
 
 def write_outputs(doc, path, plot: bool = True) -> None:
-    common.write_outputs(doc, path, markdown(doc), plot_enabled=plot,
+    results_io.write_outputs(doc, path, markdown(doc), plot_enabled=plot,
                          x=lambda r: r["height"] * r["width"],
                          xlabel="image pixels",
                          series=lambda r: f"{r['provider']} ({r['dtype']})",

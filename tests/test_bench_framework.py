@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import common
+from bench import isolation, memory, results_io, stats, sweep, timing
 
 LINUX = sys.platform.startswith("linux")
 
@@ -21,33 +21,33 @@ LINUX = sys.platform.startswith("linux")
 @pytest.mark.parametrize("values", [[3.0], [1.0, 2.0], [5.0, 1.0, 4.0, 2.0, 3.0], list(np.random.default_rng(0).random(17))])
 @pytest.mark.parametrize("q", [0, 20, 50, 80, 100])
 def test_percentile_matches_numpy(values, q):
-    assert common.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert stats.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
 
 
 def test_summarize_fields_and_order():
-    s = common.summarize([0.5, 0.1, 0.3, 0.2, 0.4])
+    s = stats.summarize([0.5, 0.1, 0.3, 0.2, 0.4])
     assert s["n"] == 5 and s["median_s"] == pytest.approx(0.3)
     assert s["min_s"] <= s["p20_s"] <= s["median_s"] <= s["p80_s"] <= s["max_s"]
     with pytest.raises(ValueError):
-        common.percentile([], 50)
+        stats.percentile([], 50)
 
 
 def test_measure_respects_repeats_and_time_cap():
     calls = []
-    out = common.measure(lambda: calls.append(1), device="cpu", warmup=2, repeats=4, max_row_s=60)
+    out = timing.measure(lambda: calls.append(1), device="cpu", warmup=2, repeats=4, max_row_s=60)
     assert out["n"] == 4 and len(calls) == 1 + 1 + 4          # first call + one more warm-up + 4 timed
     import time
 
-    out = common.measure(lambda: time.sleep(0.05), device="cpu", warmup=1, repeats=100, max_row_s=0.12)
+    out = timing.measure(lambda: time.sleep(0.05), device="cpu", warmup=1, repeats=100, max_row_s=0.12)
     assert 1 <= out["n"] <= 4
-    out = common.measure(lambda: None, device="cpu", warmup=0, repeats=3, max_row_s=60)
+    out = timing.measure(lambda: None, device="cpu", warmup=0, repeats=3, max_row_s=60)
     assert out["n"] == 3 and out["times_s"][0] == out["first_call_s"]
 
 
 # ----------------------------------------------------------------------------------------------------- memory
 @pytest.mark.skipif(not LINUX, reason="VmHWM / clear_refs are Linux features")
 def test_hwm_reset_works_here():
-    assert common.reset_hwm(), "/proc/self/clear_refs could not reset VmHWM: the fallback sampler would be used"
+    assert memory.reset_hwm(), "/proc/self/clear_refs could not reset VmHWM: the fallback sampler would be used"
 
 
 @pytest.mark.skipif(not LINUX, reason="VmHWM / clear_refs are Linux features")
@@ -56,17 +56,17 @@ def test_peak_memory_sees_a_transient_allocation():
     size_mb = 256
 
     def allocate():
-        t = torch.ones(size_mb * common.MB // 4)          # written, so resident
+        t = torch.ones(size_mb * memory.MB // 4)          # written, so resident
         return float(t[-1])
 
-    pm = common.PeakMemory("cpu")
+    pm = memory.PeakMemory("cpu")
     pm.set_baseline()
-    out = common.measure(allocate, device="cpu", warmup=1, repeats=2, max_row_s=30, pm=pm)
+    out = timing.measure(allocate, device="cpu", warmup=1, repeats=2, max_row_s=30, pm=pm)
     assert size_mb * 0.9 <= out["peak_mb"] <= size_mb * 1.25, out
     assert size_mb * 0.9 <= out["transient_mb"] <= size_mb * 1.25, out
-    pm = common.PeakMemory("cpu")
+    pm = memory.PeakMemory("cpu")
     pm.set_baseline()
-    idle = common.measure(lambda: None, device="cpu", warmup=1, repeats=2, max_row_s=30, pm=pm)
+    idle = timing.measure(lambda: None, device="cpu", warmup=1, repeats=2, max_row_s=30, pm=pm)
     assert idle["peak_mb"] < 16, idle
 
 
@@ -86,19 +86,19 @@ def _args(tmp_path, **kw):
 
 def test_sweep_skips_predicted_slow_and_large_rows_and_resumes(tmp_path):
     target = "tests.test_bench_framework:fake_row"
-    sweep = common.Sweep("fake", _args(tmp_path), ["provider", "size"], {})
-    r1 = sweep.run({"provider": "p", "size": 1}, target, series="p", cost=1)
-    r2 = sweep.run({"provider": "p", "size": 10}, target, series="p", cost=10)        # predicted 100 s > 60 s
-    r3 = sweep.run({"provider": "p", "size": 2}, target, series="p", cost=2,
+    first = sweep.Sweep("fake", _args(tmp_path), ["provider", "size"], {})
+    r1 = first.run({"provider": "p", "size": 1}, target, series="p", cost=1)
+    r2 = first.run({"provider": "p", "size": 10}, target, series="p", cost=10)        # predicted 100 s > 60 s
+    r3 = first.run({"provider": "p", "size": 2}, target, series="p", cost=2,
                    memory_estimate=5 * 1024**3)                                      # 5 GB > 1 GB
     assert r1["status"] == "ok" and r2["status"] == "skipped" and "max-call-s" in r2["reason"]
     assert r3["status"] == "skipped" and "max-memory-gb" in r3["reason"]
-    sweep.finish(["size"], "p")
-    again = common.Sweep("fake", _args(tmp_path, resume=True), ["provider", "size"], {})
+    first.finish(["size"], "p")
+    again = sweep.Sweep("fake", _args(tmp_path, resume=True), ["provider", "size"], {})
     r1b = again.run({"provider": "p", "size": 1}, "tests.test_bench_framework:does_not_exist", series="p", cost=1)
     assert r1b.get("resumed") and r1b["median_s"] == 10.0
     # Resuming with another provider only keeps the earlier provider's rows in the file.
-    other = common.Sweep("fake", _args(tmp_path, resume=True), ["provider", "size"], {})
+    other = sweep.Sweep("fake", _args(tmp_path, resume=True), ["provider", "size"], {})
     other.run({"provider": "q", "size": 1}, target, series="q", cost=1)
     doc = other.finish(["size"], "p")
     assert {(r["provider"], r["size"]) for r in doc["rows"] if r["status"] == "ok"} == {("p", 1), ("q", 1)}
@@ -106,15 +106,15 @@ def test_sweep_skips_predicted_slow_and_large_rows_and_resumes(tmp_path):
 
 
 def test_failing_row_is_recorded_not_raised(tmp_path):
-    sweep = common.Sweep("fake", _args(tmp_path), ["provider", "size"], {})
-    row = sweep.run({"provider": "p", "size": 1}, "tests.test_bench_framework:does_not_exist", series="p", cost=1)
+    failing = sweep.Sweep("fake", _args(tmp_path), ["provider", "size"], {})
+    row = failing.run({"provider": "p", "size": 1}, "tests.test_bench_framework:does_not_exist", series="p", cost=1)
     assert row["status"] == "error" and "does_not_exist" in row["reason"]
 
 
 def test_isolated_row_runs_in_a_subprocess():
     spec = {"provider": "torch", "h": 3, "w": 4, "batch": 1, "heads": 2, "dim": 8, "sigma": 5.0, "prefix": 1,
             "similarity": "kk", "dtype": "float32", "device": "cpu", "warmup": 1, "repeats": 2, "max_row_s": 5}
-    row = common.run_row("bench.attention:run_one", spec, isolate=True, timeout_s=120)
+    row = isolation.run_row("bench.attention:run_one", spec, isolate=True, timeout_s=120)
     assert row["status"] == "ok", row
     assert row["n"] >= 1 and row["median_s"] > 0 and "VmHWM" in row["memory_method"]
 
@@ -127,7 +127,7 @@ ROW_KEYS_OK = {"provider", "status", "dtype", "median_s", "p20_s", "p80_s", "n",
 
 
 def _check_doc(doc, bench):
-    assert doc["benchmark"] == bench and doc["quick"] is True and doc["schema"] == common.SCHEMA_VERSION
+    assert doc["benchmark"] == bench and doc["quick"] is True and doc["schema"] == results_io.SCHEMA_VERSION
     assert MACHINE_KEYS <= set(doc["machine"]), MACHINE_KEYS - set(doc["machine"])
     assert doc["reference_rates"]["matmul"]["gflops"] > 0
     ok = [r for r in doc["rows"] if r["status"] == "ok"]
