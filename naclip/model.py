@@ -13,6 +13,8 @@ open_clip is imported lazily: ``import naclip`` works without it.
 """
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 import socket
@@ -41,6 +43,7 @@ __all__ = [
     "patch_naclip",
     "get_patch",
     "dense_features",
+    "tokens_before_last_block",
     "ARCHITECTURES",
 ]
 
@@ -52,7 +55,25 @@ _NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
 class ModelLoadError(RuntimeError):
-    """CLIP weights could not be loaded (no network for a pretrained tag, unreadable checkpoint, unknown model)."""
+    """CLIP weights could not be loaded (no network for a pretrained tag, unreadable checkpoint, unknown model).
+
+    ``str(exc)`` is written for Python callers (hints name keyword arguments: ``pretrained='/path/w.pt'``);
+    ``exc.cli_message`` says the same for the command line (``--pretrained /path/w.pt``)."""
+
+    def __init__(self, message: str, cli_message: Optional[str] = None):
+        super().__init__(message)
+        self.cli_message = message if cli_message is None else cli_message
+
+    def __reduce__(self):   # keeps cli_message through pickling (multiprocessing, DataLoader workers)
+        return type(self), (str(self), self.cli_message)
+
+
+def _option(name: str, value: Any, cli: bool) -> str:
+    """An option as the interface in use spells it: ``--pretrained /p`` (command line) or ``pretrained='/p'``."""
+    if cli:
+        flag = {"model_name": "model"}.get(name, name).replace("_", "-")
+        return f"--{flag} {value}"
+    return f"{name}={value!r}"
 
 
 class NotAViTError(ValueError):
@@ -150,14 +171,64 @@ def _cached_weights_file(open_clip, cfg: Dict[str, Any], cache_dir: Optional[str
     return None
 
 
-def _offline_message(model_name: str, tag: str, reason: str) -> str:
+def _offline_message(model_name: str, tag: str, reason: str, cli: bool = False) -> str:
+    """The "no weights without network" message; ``cli=True`` writes its hints as command-line options."""
+    quick = f"{model_name.split('-quickgelu')[0]}-quickgelu"
+    fetch = f"open_clip.create_model({model_name!r}, pretrained={tag!r})"
+    if cli:
+        fetch = f'python -c "import open_clip; {fetch}"'
     return (f"load_clip: could not get the pretrained weights {tag!r} for {model_name!r}: {reason}. "
-            f"Download the checkpoint on a machine with network access (for example "
-            f"open_clip.create_model({model_name!r}, pretrained={tag!r}) caches it under ~/.cache/huggingface), "
-            f"copy the file here and pass its path instead: pretrained='/path/to/open_clip_model.safetensors' "
+            f"Download the checkpoint on a machine with network access (for example {fetch} caches it under "
+            f"~/.cache/huggingface), copy the file here and pass its path instead: "
+            f"{_option('pretrained', '/path/to/open_clip_model.safetensors', cli)} "
             f"(an open_clip state dict, .safetensors/.bin/.pt, loaded with weights_only=True). For OpenAI weights "
-            f"use the '-quickgelu' model name with a local file, e.g. model='{model_name.split('-quickgelu')[0]}"
-            f"-quickgelu'.")
+            f"use the '-quickgelu' model name with a local file, e.g. {_option('model', quick, cli)}.")
+
+
+def _offline_error(model_name: str, tag: str, reason: str) -> "ModelLoadError":
+    return ModelLoadError(_offline_message(model_name, tag, reason),
+                          cli_message=_offline_message(model_name, tag, reason, cli=True))
+
+
+def _unknown_model_message(open_clip, model_name: str) -> str:
+    names = open_clip.list_models()
+    close = [n for n in names if n.lower() == model_name.lower()] or \
+        difflib.get_close_matches(model_name, names, n=3, cutoff=0.7)
+    hint = f"; did you mean {' or '.join(repr(n) for n in close)}?" if close else ""
+    return f"load_clip: unknown open_clip model {model_name!r}{hint} (open_clip.list_models() lists them all)"
+
+
+class _DropRandomInitLine(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded for model ... Model initialized randomly." record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+def _create_unloaded(open_clip, model_name: str, **kwargs: Any) -> nn.Module:
+    """``open_clip.create_model(model_name, pretrained=None)`` without its "initialized randomly" warning: either
+    the weights are loaded right after (a file), or :func:`load_clip` has already said they are random, once."""
+    line_filter = _DropRandomInitLine()
+    # open_clip logs through the root logger (logging.warning); its module logger too in case that changes.
+    loggers = (logging.getLogger(), logging.getLogger("open_clip.factory"))
+    for logger in loggers:
+        logger.addFilter(line_filter)
+    try:
+        return open_clip.create_model(model_name, pretrained=None, **kwargs)
+    finally:
+        for logger in loggers:
+            logger.removeFilter(line_filter)
+
+
+def _load_file(open_clip, model: nn.Module, path: str, model_name: str) -> None:
+    """Load a local checkpoint (weights_only=True: a malicious pickle cannot run code) into ``model``, every
+    tensor required; :mod:`naclip.checkpoints` says what is wrong with a file that does not load."""
+    from naclip.checkpoints import CheckpointError, load_checkpoint_file
+
+    try:
+        load_checkpoint_file(open_clip, model, path, model_name)
+    except CheckpointError as exc:
+        raise ModelLoadError(f"load_clip: could not load checkpoint {path!r} into {model_name!r}: {exc}") from exc
 
 
 def check_vit(model: nn.Module) -> None:
@@ -216,7 +287,7 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai"
     if not has_schema:
         cfg = open_clip.get_model_config(model_name)
         if cfg is None:
-            raise ModelLoadError(f"load_clip: unknown open_clip model {model_name!r}; see open_clip.list_models()")
+            raise ModelLoadError(_unknown_model_message(open_clip, model_name))
         vision_cfg = cfg.get("vision_cfg", {})
         # Reject non-ViT towers before any download: ResNets have a tuple of layer counts, timm towers a name.
         if vision_cfg.get("timm_model_name"):
@@ -230,24 +301,21 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai"
     weights_id: Optional[str]
     tag_cfg: Dict[str, Any] = {}
     if pretrained is None:
-        warnings.warn(f"naclip: building {model_name!r} with RANDOM weights (pretrained=None): for tests and "
-                      "benchmarks only, the segmentations are meaningless", UserWarning, stacklevel=2)
+        # The one message for random weights (open_clip's own "initialized randomly" line is dropped below).
+        warnings.warn(f"naclip: building {model_name!r} with RANDOM weights (no pretrained weights asked for): for "
+                      "tests and benchmarks only, the segmentations are meaningless", UserWarning, stacklevel=2)
         try:
-            model = open_clip.create_model(model_name, pretrained=None, **kwargs)
+            model = _create_unloaded(open_clip, model_name, **kwargs)
         except Exception as exc:
             raise ModelLoadError(f"load_clip: could not build {model_name!r}: {exc}") from exc
         weights_id = None
     elif os.path.isfile(os.fspath(pretrained)):
         path = os.path.abspath(os.fspath(pretrained))
         try:
-            model = open_clip.create_model(model_name, pretrained=None, **kwargs)
-            # open_clip's load_checkpoint converts 3rd-party layouts and resizes position embeddings; weights_only
-            # keeps a malicious pickle from executing code.
-            open_clip.load_checkpoint(model, path, strict=True, weights_only=True, device="cpu")
+            model = _create_unloaded(open_clip, model_name, **kwargs)
         except Exception as exc:
-            raise ModelLoadError(f"load_clip: could not load checkpoint {path!r} into {model_name!r}: {exc}. "
-                                 "It must be an open_clip state dict for this model (TorchScript archives such as "
-                                 "OpenAI's original .pt files are not loadable with weights_only=True)") from exc
+            raise ModelLoadError(f"load_clip: could not build {model_name!r}: {exc}") from exc
+        _load_file(open_clip, model, path, model_name)
         stat = os.stat(path)
         weights_id = f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
     else:
@@ -258,19 +326,27 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai"
         tag_cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
         if not tag_cfg:
             if any(sep in tag for sep in ("/", "\\", ".")):
-                raise ModelLoadError(f"load_clip: pretrained={tag!r} is neither an existing file nor a known tag")
+                what = "load_clip: {} is neither an existing file nor a known tag"
+                raise ModelLoadError(what.format(_option("pretrained", tag, False)),
+                                     cli_message=what.format(_option("pretrained", tag, True)))
+            known = open_clip.list_pretrained_tags_by_model(model_name)
+            if not known:
+                what = "load_clip: {!r} has no pretrained weights in open_clip: pass a local checkpoint file ({}) " \
+                       "or {} for random weights"
+                raise ModelLoadError(
+                    what.format(model_name, _option("pretrained", "/path/w.pt", False), "pretrained=None"),
+                    cli_message=what.format(model_name, _option("pretrained", "/path/w.pt", True), "--pretrained none"))
             raise ModelLoadError(f"load_clip: unknown pretrained tag {tag!r} for {model_name!r}; known tags: "
-                                 f"{open_clip.list_pretrained_tags_by_model(model_name)}")
+                                 f"{', '.join(known)}")
         local = _cached_weights_file(open_clip, tag_cfg, cache_dir)
         quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         try:
             if local is not None:
-                model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu, **kwargs)
-                open_clip.load_checkpoint(model, local, strict=True, weights_only=True, device="cpu")
+                model = _create_unloaded(open_clip, model_name, force_quick_gelu=quick_gelu, **kwargs)
+                _load_file(open_clip, model, local, model_name)
             else:
                 if not _network_reachable():
-                    raise ModelLoadError(_offline_message(model_name, tag, "no network access and not in the local "
-                                                          "download cache"))
+                    raise _offline_error(model_name, tag, "no network access and not in the local download cache")
                 # The tag's own QuickGELU setting: OpenAI weights were trained with QuickGELU, and open_clip only
                 # warns on a mismatch, which would silently give wrong features.
                 model = open_clip.create_model(model_name, pretrained=tag, force_quick_gelu=quick_gelu,
@@ -278,7 +354,7 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai"
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(_offline_message(model_name, tag, f"{type(exc).__name__}: {exc}")) from exc
+            raise _offline_error(model_name, tag, f"{type(exc).__name__}: {exc}") from exc
         weights_id = f"tag:{tag}"
     model.eval()
     check_vit(model)
@@ -474,6 +550,10 @@ def interpolate_pos_embed(pos: torch.Tensor, native_grid: Tuple[int, int], grid:
 def _pos_embed(visual: nn.Module, grid: Tuple[int, int], dtype: torch.dtype,
                cache: Optional[Dict[Any, torch.Tensor]]) -> torch.Tensor:
     param = visual.positional_embedding
+    if torch.compiler.is_compiling():
+        # Under torch.compile the grid is symbolic (one graph for every image size): the interpolation is part of
+        # the graph, and a Python dict keyed by sizes and data pointers would break it.
+        return interpolate_pos_embed(param.detach(), tuple(visual.grid_size), grid).to(dtype)
     # _version changes on in-place updates (load_state_dict), so a reload never serves a stale embedding.
     key = (tuple(grid), dtype, param.device, param.data_ptr(), param._version)
     if cache is not None and key in cache:
@@ -484,6 +564,47 @@ def _pos_embed(visual: nn.Module, grid: Tuple[int, int], dtype: torch.dtype,
             cache.clear()
         cache[key] = out
     return out
+
+
+def tokens_before_last_block(model: nn.Module, images: torch.Tensor,
+                             pos_cache: Optional[Dict[Any, torch.Tensor]] = None,
+                             op: str = "tokens_before_last_block") -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """The visual tower of an open_clip ViT up to its last block, at any input size.
+
+    Args:
+        model: an open_clip ViT model (patched or not).
+        images: ``[B, 3, H, W]`` normalised images; ``H, W`` multiples of the patch size.
+        pos_cache: a dict caching the interpolated positional embeddings per grid (``None``: no cache).
+
+    Returns:
+        ``(tokens, (h, w))``: ``tokens`` ``[B, 1 + h*w, E]`` (batch first, ``[CLS]`` first) as they enter the last
+        block, in the model's dtype: ``conv1 -> flatten -> [CLS] + bicubic-interpolated pos-embed -> ln_pre ->
+        blocks[:-1]``. ``patch_dropout`` is skipped: it is the identity at inference and would break the grid.
+    """
+    visual = model.visual
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{op}: images must be [B, 3, H, W], got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    ph, pw = visual.patch_size if isinstance(visual.patch_size, tuple) else (visual.patch_size,) * 2
+    if images.shape[-2] % ph or images.shape[-1] % pw:
+        raise ValueError(f"{op}: H, W must be multiples of the patch size {(ph, pw)}, got "
+                         f"{tuple(images.shape[-2:])}")
+    dtype = visual.conv1.weight.dtype
+    x = visual.conv1(images.to(dtype))                          # [B, E, h, w]
+    grid = (x.shape[-2], x.shape[-1])
+    x = x.flatten(2).transpose(1, 2)                            # [B, h*w, E]
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1) + _pos_embed(visual, grid, x.dtype, pos_cache)
+    x = visual.ln_pre(x)
+    blocks = visual.transformer.resblocks
+    batch_first = blocks[-1].attn.batch_first
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for blk in blocks[:-1]:
+        x = blk(x)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    return x, grid
 
 
 def dense_features(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -497,36 +618,17 @@ def dense_features(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor
         ``(features, (h, w))``: ``features`` ``[B, h*w, D]`` in the model's dtype (after ``ln_post`` and ``proj``,
         prefix token dropped, *not* normalised), row-major over the ``h x w`` patch grid.
 
-    Runs ``conv1 -> flatten -> [CLS] + bicubic-interpolated pos-embed -> ln_pre -> blocks[:-1] -> NACLIP block
-    (with the grid) -> ln_post -> proj``. ``patch_dropout`` is skipped: it is the identity at inference and would
-    break the grid if active.
+    Runs :func:`tokens_before_last_block`, then the NACLIP block (with the grid), ``ln_post`` and ``proj``.
     """
     handle = get_patch(model)
     if handle is None:
         raise RuntimeError("dense_features: the model is not patched; call naclip.patch_naclip(model) first")
     visual = model.visual
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"dense_features: images must be [B, 3, H, W], got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    ph, pw = visual.patch_size if isinstance(visual.patch_size, tuple) else (visual.patch_size,) * 2
-    if images.shape[-2] % ph or images.shape[-1] % pw:
-        raise ValueError(f"dense_features: H, W must be multiples of the patch size {(ph, pw)}, got "
-                         f"{tuple(images.shape[-2:])}")
-    dtype = visual.conv1.weight.dtype
-    x = visual.conv1(images.to(dtype))                          # [B, E, h, w]
-    grid = (x.shape[-2], x.shape[-1])
-    x = x.flatten(2).transpose(1, 2)                            # [B, h*w, E]
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1) + _pos_embed(visual, grid, x.dtype, handle._pos_cache)
-    x = visual.ln_pre(x)
-    blocks = visual.transformer.resblocks
-    batch_first = handle.block.attn.batch_first
-    if not batch_first:
+    x, grid = tokens_before_last_block(model, images, handle._pos_cache, op="dense_features")
+    if not handle.block.attn.batch_first:
         x = x.transpose(0, 1)
-    for blk in blocks[:-1]:
-        x = blk(x)
-    x = blocks[-1](x, grid=grid)
-    if not batch_first:
+    x = visual.transformer.resblocks[-1](x, grid=grid)
+    if not handle.block.attn.batch_first:
         x = x.transpose(0, 1)
     x = visual.ln_post(x)
     if visual.proj is not None:

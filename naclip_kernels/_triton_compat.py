@@ -7,6 +7,7 @@ decided by :func:`naclip_kernels._backend.resolve_backend`, which names the reas
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 try:  # pragma: no cover - exercised by whichever branch the machine has
@@ -55,6 +56,28 @@ except ImportError as exc:  # pragma: no cover
 
     triton = _TritonStub()  # type: ignore[assignment]
     tl = _LanguageStub()  # type: ignore[assignment]
+
+
+def _autotune_cache_kwargs() -> dict:
+    """``{"cache_results": True}`` when this Triton's ``triton.autotune`` takes ``cache_results`` (3.3+), else ``{}``.
+
+    With it, the autotuner writes the winning config of each key to Triton's on-disk cache (``TRITON_CACHE_DIR``,
+    default ``~/.triton/cache``), so every later process on the machine (each ``torchrun`` rank, each new
+    ``naclip eval``) loads it instead of benchmarking all configs again. Cache entries are keyed by the kernel
+    source, the configs, the autotune key values and the GPU, so a change to any of them retunes. Older Triton
+    (no such argument) tunes once per process; ``TRITON_CACHE_AUTOTUNING=1`` turns caching on there where the
+    installed version reads that variable. Triton itself never caches under the interpreter.
+    """
+    if not HAS_TRITON:
+        return {}
+    try:
+        params = inspect.signature(triton.autotune).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a C-level or wrapped callable without a signature
+        return {}
+    return {"cache_results": True} if "cache_results" in params else {}
+
+
+AUTOTUNE_CACHE_KWARGS = _autotune_cache_kwargs()
 
 
 def interpreter_enabled() -> bool:

@@ -17,12 +17,19 @@ SIMILARITIES = ("qk", "kk", "qq", "csa")
 MAX_HEAD_DIM = 256
 
 
+# Under torch.compile with dynamic shapes, sizes (and, unless specialised, Python floats) arrive as torch.SymInt /
+# torch.SymFloat. They are accepted as they are: int() / float() / math.isfinite() on them would specialise the
+# graph to one value (a recompile per image size) or break it; comparisons become guards that hold for every size.
+_SYM_INTS = (torch.SymInt,)
+_SYM_FLOATS = (torch.SymInt, torch.SymFloat)
+
+
 def check_int(op: str, name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
+    if isinstance(value, bool) or not isinstance(value, (Integral, *_SYM_INTS)):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    return int(value)
+    return value if isinstance(value, _SYM_INTS) else int(value)
 
 
 def check_positive_float(op: str, name: str, value, *, allow_none: bool) -> Optional[float]:
@@ -30,10 +37,10 @@ def check_positive_float(op: str, name: str, value, *, allow_none: bool) -> Opti
         if allow_none:
             return None
         raise TypeError(f"{op}: {name} must be a positive number, got None")
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if isinstance(value, bool) or not isinstance(value, (Real, *_SYM_FLOATS)):
         raise TypeError(f"{op}: {name} must be a number{' or None' if allow_none else ''}, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    value = value if isinstance(value, _SYM_FLOATS) else float(value)
+    if not 0 < value < math.inf:  # also false for NaN
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
     return value
 
@@ -108,9 +115,9 @@ def check_attention_args(q, k, v, grid, sigma, prefix_tokens, similarity, scale,
     if scale is None:
         scale = head_dim ** -0.5
     else:
-        if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
+        if isinstance(scale, bool) or not isinstance(scale, (Real, *_SYM_FLOATS)) or not -math.inf < scale < math.inf:
             raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
-        scale = float(scale)
+        scale = scale if isinstance(scale, _SYM_FLOATS) else float(scale)
     return h, w, sigma, prefix_tokens, scale
 
 

@@ -18,7 +18,8 @@ import torch
 from naclip_kernels import reference
 from naclip_kernels._alloc import empty_output
 from naclip_kernels._backend import resolve_backend
-from naclip_kernels._triton_compat import interpreter_enabled, tl, triton
+from naclip_kernels._library import define_op
+from naclip_kernels._triton_compat import AUTOTUNE_CACHE_KWARGS, interpreter_enabled, tl, triton
 from naclip_kernels._validation import check_attention_args
 
 __all__ = ["neighbour_attention"]
@@ -306,11 +307,13 @@ _neighbour_attention_fwd_tuned = triton.autotune(
              for bm, bn, nw, ns in _TUNE_SPACE],
     key=["n_bucket", "w_bucket", "BLOCK_D", "CSA", "HAS_BIAS", "EVEN_D"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    **AUTOTUNE_CACHE_KWARGS,  # tune once per machine, not once per process (see _triton_compat)
 )(triton.heuristics({"BLOCK_W": lambda a: _block_w(a["w"], a["BLOCK_N"], a["HAS_BIAS"])})(
     _neighbour_attention_fwd_kernel))
 
 
-def _neighbour_attention_triton(q, k, v, h, w, sigma, prefix_tokens, similarity, scale, *, config=None):
+def _neighbour_attention_triton(q, k, v, h, w, sigma, prefix_tokens, similarity, scale, *, config=None,
+                                autotune=None):
     """Launch the fused forward kernel. Arguments as validated by :func:`neighbour_attention`.
 
     Inputs float16 / bfloat16 / float32 ``[B, H, N, D]`` with any strides; output ``[B, H, N, D]`` contiguous in
@@ -320,6 +323,9 @@ def _neighbour_attention_triton(q, k, v, h, w, sigma, prefix_tokens, similarity,
 
     ``config``: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` that bypasses autotuning (tests use it to
     cover small tiles). Without it: autotuning on GPU, the default config under the Triton interpreter.
+    ``autotune=True`` forces the autotuner path (``triton.autotune`` + heuristics + early pruning) even under the
+    interpreter, so a test can run the code path a GPU user's first call takes; default: autotune unless
+    interpreting.
     """
     if v.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"neighbour_attention: backend='triton' supports float16, bfloat16 and float32 inputs, got "
@@ -342,7 +348,9 @@ def _neighbour_attention_triton(q, k, v, h, w, sigma, prefix_tokens, similarity,
     flags = dict(CSA=csa, HAS_BIAS=has_bias, EVEN_D=head_dim == block_d, IEEE=ieee, BLOCK_D=block_d)
     n_bucket = triton.next_power_of_2(n_tokens)
     w_bucket = min(max(triton.next_power_of_2(w), 16), 256)
-    if config is None and interpreting:
+    if autotune is None:
+        autotune = not interpreting
+    if config is None and not autotune:
         config = _default_config(block_d, csa, has_bias, v.element_size())
 
     # Grid dim 1 is limited to 65535: launch over batch chunks (slices keep the strides).
@@ -480,16 +488,52 @@ def neighbour_attention(q: Optional[torch.Tensor], k: torch.Tensor, v: torch.Ten
     Raises:
         TypeError / ValueError: bad arguments, naming the argument and the expected shape or dtype.
         BackendUnavailableError: an explicit backend that cannot run here.
+
+    PyTorch integration: the ``"torch"`` / ``"triton"`` backends run the registered op
+    ``torch.ops.naclip_kernels.neighbour_attention`` (one node under ``torch.compile`` / ``torch.export``, with a
+    fake kernel for symbolic shapes). Autograd: gradients w.r.t. ``q``, ``k`` and ``v`` from every backend. The
+    Triton kernel is forward-only; the backward (``naclip_kernels::neighbour_attention_backward``) recomputes the
+    forward through the differentiable torch path (SDPA per query block) and differentiates that: the same maths,
+    so the gradients are the torch backend's, at the cost of one extra forward. ``"reference"`` is plain eager
+    PyTorch with its own autograd.
     """
     h, w, sigma, prefix_tokens, scale = check_attention_args(q, k, v, grid, sigma, prefix_tokens, similarity, scale)
     chosen = resolve_backend(backend, k.device, "neighbour_attention")
     if chosen == "reference":
+        # The eager ground truth stays plain Python: it is the oracle the registered op is tested against, and it
+        # is made of aten ops that torch.compile/export trace and autograd differentiates as they are.
         return reference.neighbour_attention(q, k, v, (h, w), sigma, prefix_tokens, similarity, scale)
+    return _neighbour_attention_op(q, k, v, h, w, sigma, prefix_tokens, similarity, scale, chosen)
+
+
+# ==============================================================================================================
+# torch.library registration: naclip_kernels::neighbour_attention (see naclip_kernels/_library.py)
+# ==============================================================================================================
+def _neighbour_attention_impl(q, k, v, h, w, sigma, prefix_tokens, similarity, scale, backend):
+    """The op's kernel for every device; ``backend`` is the resolved ``"triton"`` or ``"torch"``."""
     if k.numel() == 0:
-        return torch.empty_like(v)
-    if chosen == "triton":
+        return v.new_empty(v.shape)
+    if backend == "triton":
         return _neighbour_attention_triton(q, k, v, h, w, sigma, prefix_tokens, similarity, scale)
+    # SDPA keeps the layout of strided inputs (e.g. [B, N, H, D] transposed views); the op always returns
+    # contiguous [B, H, N, D], which is what its fake kernel promises.
+    return _neighbour_attention_torch(q, k, v, h, w, sigma, prefix_tokens, similarity, scale).contiguous()
+
+
+def _neighbour_attention_fake(q, k, v, h, w, sigma, prefix_tokens, similarity, scale, backend):
+    return v.new_empty(v.shape)
+
+
+def _neighbour_attention_differentiable(q, k, v, h, w, sigma, prefix_tokens, similarity, scale, backend):
+    """The backward's recompute: the torch path (SDPA per query block), differentiable for every backend."""
     return _neighbour_attention_torch(q, k, v, h, w, sigma, prefix_tokens, similarity, scale)
+
+
+_neighbour_attention_op = define_op(
+    "neighbour_attention",
+    "(Tensor? q, Tensor k, Tensor v, SymInt h, SymInt w, float? sigma, SymInt prefix_tokens, str similarity, "
+    "float scale, str backend) -> Tensor",
+    _neighbour_attention_impl, _neighbour_attention_fake, _neighbour_attention_differentiable, tensor_args=(0, 1, 2))
 
 
 # ==============================================================================================================

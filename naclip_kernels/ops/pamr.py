@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from naclip_kernels import reference
 from naclip_kernels._alloc import empty_output
 from naclip_kernels._backend import BackendUnavailableError, resolve_backend
+from naclip_kernels._library import define_op
 from naclip_kernels._triton_compat import tl, triton
 from naclip_kernels._validation import check_float_tensor, check_int
 
@@ -441,6 +442,13 @@ def pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int = 10, dilations:
     Raises:
         TypeError / ValueError: bad arguments, naming the argument and the expected shape or dtype.
         BackendUnavailableError: an explicit backend that cannot run here.
+
+    PyTorch integration: the ``"torch"`` / ``"triton"`` backends run the registered op
+    ``torch.ops.naclip_kernels.pamr`` (one node under ``torch.compile`` / ``torch.export``, with a fake kernel
+    for symbolic shapes). Autograd: gradients w.r.t. ``mask`` and ``image`` from every backend. The Triton kernels
+    and the in-place torch path are forward-only; the backward (``naclip_kernels::pamr_backward``) recomputes the
+    forward with out-of-place torch ops (the same maths) and differentiates that, at the cost of one extra
+    forward and ``~num_iter`` mask-sized saved tensors. ``"reference"`` is plain eager PyTorch with its own autograd.
     """
     num_iter, dilations = check_pamr_args(image, mask, num_iter, dilations)
     chosen = resolve_backend(backend, mask.device, "pamr")
@@ -455,13 +463,58 @@ def pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int = 10, dilations:
         else:
             raise BackendUnavailableError(f"pamr: backend='triton' cannot run: {triton_reason}; use backend='torch'")
     if chosen == "reference":
+        # Plain Python on purpose, like reference.neighbour_attention: the oracle the registered op is tested
+        # against, made of aten ops that compile/export trace and autograd differentiates as they are.
         return reference.pamr(image, mask, num_iter, dilations)
+    return _pamr_op(image, mask, num_iter, list(dilations), chosen)
+
+
+# ==============================================================================================================
+# torch.library registration: naclip_kernels::pamr (see naclip_kernels/_library.py)
+# ==============================================================================================================
+def _pamr_impl(image, mask, num_iter, dilations, backend):
+    """The op's kernel for every device; ``backend`` is the resolved ``"triton"`` or ``"torch"``."""
     batch, _, height, width = image.shape
     if batch == 0 or mask.shape[1] == 0:
         return mask.new_empty(batch, mask.shape[1], height, width)
-    if chosen == "triton":
-        return _pamr_triton(image, mask, num_iter, dilations)
-    return _pamr_torch(image, mask, num_iter, dilations)
+    dilations = tuple(dilations)
+    if backend == "triton":
+        out = _pamr_triton(image, mask, num_iter, dilations)
+    else:
+        out = _pamr_torch(image, mask, num_iter, dilations)
+    return out.contiguous()  # what the fake kernel promises (a no-op for the buffers both paths allocate)
+
+
+def _pamr_fake(image, mask, num_iter, dilations, backend):
+    return mask.new_empty(image.shape[0], mask.shape[1], image.shape[2], image.shape[3])
+
+
+def _pamr_differentiable(image, mask, num_iter, dilations, backend):
+    """The backward's recompute: the same maths in out-of-place torch ops, differentiable in ``image`` and ``mask``.
+
+    Affinities from :func:`naclip_kernels.reference.pamr_affinity` (its ``[B, K, 9 L, H, W]`` stack is small: ``K``
+    image channels), then ``num_iter`` sweeps of ``8 L`` slices of one replicate-padded mask each. Autograd keeps
+    one padded mask per sweep (``~num_iter x`` the mask), not the original's ``8 L``-fold neighbour stack.
+    """
+    compute = torch.float64 if torch.float64 in (image.dtype, mask.dtype) else torch.float32
+    height, width = image.shape[-2:]
+    affinity = reference.pamr_affinity(image.to(compute), tuple(dilations))
+    m = mask.to(compute)
+    if m.shape[-2:] != (height, width):
+        m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=True)
+    pad = max(dilations)
+    for _ in range(num_iter):
+        padded = F.pad(m, (pad, pad, pad, pad), mode="replicate")
+        total = None
+        for n, (dy, dx) in enumerate(_offsets(dilations)):
+            term = affinity[:, n:n + 1] * padded[:, :, pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+            total = term if total is None else total + term  # out of place: autograd saves only views
+        m = total
+    return m.to(mask.dtype)
+
+
+_pamr_op = define_op("pamr", "(Tensor image, Tensor mask, int num_iter, int[] dilations, str backend) -> Tensor",
+                     _pamr_impl, _pamr_fake, _pamr_differentiable, tensor_args=(0, 1))
 
 
 # ==============================================================================================================
