@@ -43,7 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from naclip_kernels._aot_spec import KernelConfig
 
-OP_MODULES = ("naclip_kernels.ops.neighbour_attention", "naclip_kernels.ops.pamr")
+OP_MODULES = ("naclip_kernels.ops.neighbour_attention", "naclip_kernels.ops.pamr",
+              "naclip_kernels.ops.proxy_attention")
 DEFAULT_TARGETS = (80, 90)
 
 __all__ = ["OP_MODULES", "collect_configs", "compile_config", "run_aot", "format_table", "ptxas_available",

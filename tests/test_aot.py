@@ -89,3 +89,57 @@ def test_parse_resource_usage_and_table():
            "spill_bytes": 0, "shared_bytes": 2, "ok": True, "error": None}
     table = aot.format_table([row])
     assert table.splitlines()[2] == "| x | k | c | * | sm_90 | 1 | 0 | 2 | yes |"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Proxy attention: every config aot_configs() lists (all autotune entries x CHUNKS, all dtypes), both targets
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def proxy_rows():
+    return aot.run_aot(ops=["proxy_attention"], timeout=900)
+
+
+@requires_ptxas
+def test_proxy_configs_compile_without_spills(proxy_rows):
+    failed = [f"{r['config']} {r['target']}: {r['error']}" for r in proxy_rows if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    spilled = [f"{r['config']} {r['target']}: {r['registers']} regs, {r['spill_bytes']} B spilled"
+               for r in proxy_rows if r["spill_bytes"]]
+    assert not spilled, "\n".join(spilled)
+    assert {r["target"] for r in proxy_rows} == {"sm_80", "sm_90"}
+    assert len(proxy_rows) == 2 * len(aot.collect_configs(ops=["proxy_attention"]))
+
+
+@requires_ptxas
+@pytest.mark.parametrize("hd", [64, 256, 768, 1024])
+def test_proxy_default_for_clip_widths_compiled_on_both_targets(proxy_rows, hd):
+    """The specialisation an un-tuned launch picks for H*D (CLIP ViT-B: 768, ViT-L: 1024) is compiled and
+    spill-free for every dtype on both targets."""
+    from naclip_kernels.ops import proxy_attention as proxy_op
+
+    for dtype, nbytes in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        chunks = proxy_op._default_config(nbytes, hd)[4]
+        rows = [r for r in proxy_rows if r["default"] and r["tags"]["dtype"] == dtype and r["tags"]["chunks"] == chunks]
+        assert {r["target"] for r in rows} == {"sm_80", "sm_90"}, (dtype, hd)
+        assert all(r["ok"] and r["spill_bytes"] == 0 for r in rows), rows
+
+
+def test_proxy_configs_cover_every_launchable_specialisation():
+    """No compiler needed: every (dtype, entry, CHUNKS) the launcher can produce is in aot_configs(), with the
+    kernel's exact argument list as its signature."""
+    from naclip_kernels.ops import proxy_attention as proxy_op
+
+    configs = aot.collect_configs(ops=["proxy_attention"])
+    arg_names = list(inspect.signature(getattr(configs[0].kernel, "fn", configs[0].kernel)).parameters)
+    names = set()
+    for c in configs:
+        assert c.kernel.__name__ == "_proxy_attention_fwd_kernel"
+        assert list(c.signature) == arg_names, c.name
+        assert all(c.signature[name] == "constexpr" for name in c.constexprs), c.name
+        names.add(c.name)
+    assert len(names) == len(configs)
+    for dtype, nbytes in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        for hd in (8, 64, 200, 256, 512, 768, 1024, 1280, 2048):
+            for base in proxy_op._tune_configs(nbytes):
+                bm, bn, bc, bh, chunks, nw, ns = proxy_op._specialise(base, hd)
+                assert f"{dtype},M{bm},N{bn},C{bc},HD{bh}x{chunks},w{nw},s{ns}" in names, (dtype, hd, base)

@@ -203,10 +203,27 @@ def _proxy_attention_fwd_kernel(
 
 
 # Tuning space: (BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_HD, MAX_CHUNKS, num_warps, num_stages); the first entry of each
-# list is the default (the interpreter, or no autotuning). A launch uses CHUNKS = min(MAX_CHUNKS, cdiv(H*D,
-# BLOCK_HD)) accumulators, so each entry stands for up to MAX_CHUNKS kernel specialisations.
-_HALF_TUNE = ((64, 64, 64, 128, 2, 8, 2), (64, 32, 64, 128, 2, 4, 2), (32, 64, 64, 128, 2, 4, 2))
-_FP32_TUNE = ((16, 32, 32, 64, 1, 4, 2),)
+# list is the default (the interpreter, or no autotuning). A launch uses CHUNKS <= MAX_CHUNKS accumulators of
+# BLOCK_HD columns, balanced over as few column splits as possible (H*D = 768 with 128-column chunks: 2 splits of
+# 3, not 4 + 2), so each entry stands for MAX_CHUNKS kernel specialisations, all of them in the AOT check.
+# What is left after removing every candidate that spills (cuobjdump STACK > 0) on sm_80 or sm_90 with Triton 3.8
+# (``python -m naclip_kernels.aot --ops proxy_attention``); removed, with the spilled bytes (sm_80 / sm_90):
+#   half: (32,64,64,256,3,8,2) 0/48 B; (64,32,64,256,3,8,2) -/112 B; (64,64,64,128,3,8,2) 72/0 B;
+#     (64,64,64,128,4,8,2) 256/0 B; (32,64,64,128,3,4,2) 120/80 B; (64,64,32,128,3,8,2) 48/0 B;
+#     (16,64,64,256,3,4,2) 320/312 B; (16,32,64,256,3,4,2) 0/8 B.
+#   fp32 (IEEE dots on the FMA units, operands in registers): (16,32,32,64,1,4,2) 8/8 B (at 80 registers);
+#     (16,32,32,64,4,4,2) 24/376 B.
+_HALF_TUNE = (
+    (32, 32, 64, 256, 3, 8, 2),   # H*D = 768 (CLIP ViT-B) in ONE program: the weights computed once for all heads
+    (64, 32, 64, 128, 3, 8, 2),   # 64 rows x 384 columns: H*D = 768 in two splits
+    (32, 64, 64, 128, 4, 8, 2),   # 32 rows x 512 columns: H*D = 1024 (ViT-L) in two splits
+    (64, 64, 64, 128, 2, 8, 2),   # large key tiles for small H*D
+)
+_FP32_TUNE = (
+    (16, 16, 32, 128, 2, 4, 2),
+    (32, 32, 32, 64, 2, 8, 2),
+    (16, 32, 16, 128, 2, 8, 2),
+)
 
 
 def _tune_configs(dtype_bytes):
@@ -214,7 +231,10 @@ def _tune_configs(dtype_bytes):
 
 
 def _chunks(hd, block_hd, max_chunks):
-    return max(1, min(max_chunks, triton.cdiv(hd, block_hd)))
+    """Accumulators per program: the H*D columns in as few splits of <= max_chunks chunks, balanced."""
+    units = max(1, triton.cdiv(hd, block_hd))
+    splits = triton.cdiv(units, max_chunks)
+    return triton.cdiv(units, splits)
 
 
 def _specialise(base, hd):
@@ -444,3 +464,57 @@ def proxy_attention(feats: torch.Tensor, v: torch.Tensor, beta: float = 1.2, gam
     if chosen == "triton":
         return _proxy_attention_triton(feats, v, beta, gamma)
     return _proxy_attention_torch(feats, v, beta, gamma)
+
+
+# ==============================================================================================================
+# AOT (GPU-readiness) configurations
+# ==============================================================================================================
+_AOT_DTYPES = (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32))
+
+
+def _aot_config(dtype_name, concrete, default):
+    from naclip_kernels._aot_spec import KernelConfig
+
+    block_m, block_n, block_c, block_hd, chunks, num_warps, num_stages = concrete
+    # From the Python signature, so this also works when the kernel was decorated by the interpreter.
+    params = inspect.signature(getattr(_proxy_attention_fwd_kernel, "fn", _proxy_attention_fwd_kernel)).parameters
+    signature, constexprs = {}, {}
+    for name, param in params.items():
+        if "constexpr" in str(param.annotation):
+            signature[name] = "constexpr"
+        elif name in ("r_ptr", "thr_ptr"):
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + dtype_name
+        elif name == "gamma_log2":
+            signature[name] = "fp32"
+        elif name in ("stride_xc", "stride_vd", "stride_od"):
+            # A contiguous last dim has stride 1, which Triton's JIT specialises to the constant 1.
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+    constexprs.update(IEEE=dtype_name == "fp32", CHUNKS=chunks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
+                      BLOCK_HD=block_hd)
+    # What a real launch sees 16-divisible: torch allocations; C, D (64) and H*D (768) multiples of 16, so the
+    # strides derived from them too. r's row stride is M (not assumed).
+    divisible = [n for n in params if n.endswith("_ptr")] + [
+        "stride_xb", "stride_xm", "stride_vb", "stride_vh", "stride_vm", "stride_ob", "stride_oh", "stride_om",
+        "C", "hd", "head_dim"]
+    name = (f"{dtype_name},M{block_m},N{block_n},C{block_c},HD{block_hd}x{chunks},w{num_warps},s{num_stages}")
+    return KernelConfig(op="proxy_attention", name=name, kernel=_proxy_attention_fwd_kernel, signature=signature,
+                        constexprs=constexprs, num_warps=num_warps, num_stages=num_stages, default=default,
+                        tags={"divisible_by_16": divisible, "dtype": dtype_name, "chunks": chunks,
+                              "value_columns": chunks * block_hd})
+
+
+def aot_configs():
+    """Every specialisation the launcher can run: dtypes fp16/bf16/fp32 x each autotune entry x CHUNKS =
+    1..MAX_CHUNKS (which H*D selects). The default of a (dtype, CHUNKS) pair is the first entry's."""
+    configs = []
+    for dtype_name, dtype in _AOT_DTYPES:
+        entries = _tune_configs(torch.empty((), dtype=dtype).element_size())
+        for index, base in enumerate(entries):
+            for chunks in range(1, base[4] + 1):
+                concrete = base[:4] + (chunks,) + base[5:]
+                configs.append(_aot_config(dtype_name, concrete, default=index == 0))
+    return configs
