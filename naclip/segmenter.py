@@ -36,10 +36,10 @@ from torch import nn
 
 import naclip_kernels
 from naclip_kernels._backend import BACKENDS
-from naclip_kernels._validation import SIMILARITIES, check_positive_float
 from naclip.image import CLIP_MEAN, CLIP_STD, is_image_like, normalize, resize_short_side, to_tensor
-from naclip.model import (ARCHITECTURES, LoadedCLIP, check_vit, dense_features, import_open_clip, load_clip,
-                          patch_naclip)
+from naclip.methods import DEFAULT_METHOD, MethodContext, get_method
+from naclip.methods.base import PIPELINE_SETTINGS
+from naclip.model import LoadedCLIP, check_vit, import_open_clip, load_clip
 from naclip.text import TextEncoder, parse_classes, read_class_file
 
 __all__ = ["Segmenter", "SegmentationResult"]
@@ -75,6 +75,40 @@ class SegmentationResult:
         return tuple(self.labels.shape)
 
 
+class _MethodDefault:
+    """The default of an argument whose value comes from the method (``Segmenter(method=...)``)."""
+
+    def __repr__(self) -> str:
+        return "<the method's default>"
+
+
+DEFAULT: Any = _MethodDefault()
+# Arguments of Segmenter that are method options (accepted only by the methods that declare them).
+_METHOD_OPTION_ARGS = ("similarity", "sigma", "architecture", "vfm", "vfm_pretrained")
+
+
+def _resolve_method(method: str, pipeline: Dict[str, Any], named_options: Dict[str, Any],
+                    method_options: Optional[Dict[str, Any]]):
+    """``(Method, pipeline settings, method options)``: the method's defaults where the caller gave ``DEFAULT``;
+    options the method does not declare raise ``ValueError`` naming the ones it has."""
+    spec = get_method(method)
+    settings = {k: (spec.defaults[k] if v is DEFAULT else v) for k, v in pipeline.items()}
+    given = {k: v for k, v in named_options.items() if v is not DEFAULT}
+    for key, value in dict(method_options or {}).items():
+        if key in given:
+            raise ValueError(f"Segmenter: {key} given both as an argument and in method_options")
+        given[key] = value
+    unknown = sorted(set(given) - set(spec.options))
+    if unknown:
+        accepted = ", ".join(spec.options) or "none"
+        raise ValueError(f"Segmenter: {', '.join(unknown)} do(es) not apply to method {spec.name!r} (its options: "
+                         f"{accepted})")
+    options = {**spec.options, **given}
+    if spec.check_options is not None:
+        spec.check_options(options)
+    return spec, settings, options
+
+
 def _check_pos_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Segmenter: {name} must be a positive int, got {value!r}")
@@ -94,11 +128,12 @@ def _check_slide(slide: Any) -> Optional[Tuple[int, int]]:
 
 
 class Segmenter:
-    """NACLIP training-free open-vocabulary segmentation on an open_clip ViT.
+    """Training-free open-vocabulary segmentation on an open_clip ViT: NACLIP, SCLIP, ClearCLIP, CLIP, ProxyCLIP.
 
     Args:
-        model: an open_clip ViT model name (e.g. ``"ViT-B-16"``), or an already built open_clip CLIP model
-            (``nn.Module``; it is patched in place and ``pretrained`` must be ``None``).
+        model: an open_clip ViT model name (e.g. ``"ViT-B-16"``), an already built open_clip CLIP model
+            (``nn.Module``; the attention-family methods patch it in place; ``pretrained`` must be ``None``), or a
+            :class:`naclip.model.LoadedCLIP` (shares its model, tokenizer and normalisation; ``pretrained=None``).
         pretrained: a pretrained tag (e.g. ``"openai"``; needs network unless already downloaded), a local
             checkpoint file path (loaded with ``weights_only=True``), or ``None`` for random weights (warns).
         classes: class lines, one per class, synonyms comma-separated (``["cat", "sofa, couch"]``), or the path of
@@ -106,6 +141,10 @@ class Segmenter:
         device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
         dtype: ``torch.float32``, ``float16`` or ``bfloat16``; default float16 on CUDA, float32 on CPU. Half
             precision on the CPU is slow or unsupported for several ops, so it warns and uses float32.
+        method: a name of :data:`naclip.methods.METHODS`: ``"naclip"`` (default), ``"sclip"``, ``"clearclip"``,
+            ``"clip"``, ``"proxyclip"``. It gives the defaults of ``slide``, ``short_side``, ``pamr``,
+            ``logit_scale`` (NACLIP family: 224/112, 336, PAMR on, 40; ProxyCLIP: 336/112, 336, PAMR off, 40) and of
+            its own options; every argument given explicitly overrides the method's default.
         slide: ``(crop, stride)`` for sliding-window inference, or ``None`` for the whole image at once.
         short_side: the short side the image is resized to (NACLIP: 336; 560 for Cityscapes); ``None`` keeps it.
         max_long_side: cap on the long side after resizing (mmseg's 2048); ``None`` for no cap.
@@ -114,8 +153,19 @@ class Segmenter:
             it become ``background_index`` (NACLIP: 0.1 for VOC21, PC60, COCO-Object).
         background_index: the class that low-confidence pixels get (0 in NACLIP's class files).
         logit_scale: multiplier before the softmax over queries (NACLIP: 40).
-        similarity, sigma, architecture: the last block's attention (``"kk"``/``"qk"``/``"qq"``/``"csa"``), Gaussian
-            sigma (``None``: no neighbourhood bias) and ``"reduced"`` (NACLIP: no residual, no MLP) or ``"vanilla"``.
+        similarity, sigma, architecture: options of the attention family (``naclip``, ``sclip``, ``clearclip``,
+            ``clip``): the last block's attention (``"kk"``/``"qk"``/``"qq"``/``"csa"``), Gaussian sigma (``None``: no
+            neighbourhood bias) and ``"reduced"`` (no residual, no MLP) or ``"vanilla"``. Not given: the method's
+            own (``naclip``: kk, 5, reduced; ``sclip``: csa, None, vanilla; ``clearclip``: qq, None, reduced;
+            ``clip``: qk, None, vanilla); given: they replace it, so ``method="naclip", sigma=3.0`` is NACLIP with
+            sigma 3. Refused (``ValueError``) with ``method="proxyclip"``.
+        vfm, vfm_pretrained: ProxyCLIP's vision foundation model: a name of :data:`naclip.vfm.VFM_NAMES`
+            (``"dino_vitb8"`` by default, ``"dino_vitb16"``, ``"dinov2_vitb14_reg"``, ``"sam_vitb"``,
+            ``"mae_vitb16"``), any timm ViT name, or a built :class:`naclip.vfm.VFM` / timm model; its weights:
+            ``"default"`` (the name's timm tag), another timm tag, a local file, or ``None`` (random, warns).
+            Refused with the other methods.
+        method_options: further options of the method by name (ProxyCLIP: ``beta`` 1.2, ``gamma`` 3.0,
+            ``pad_to`` 56); unknown names raise ``ValueError``.
         backend: ``"auto"``/``"triton"``/``"torch"``/``"reference"`` for attention and PAMR.
         window_batch_size: sliding windows per forward pass (memory cap).
         templates: prompt templates (default: the 80 OpenAI ImageNet templates).
@@ -130,21 +180,27 @@ class Segmenter:
     :class:`SegmentationResult`, or with a list of images to get a list of results.
     """
 
-    def __init__(self, model: Union[str, nn.Module] = "ViT-B-16", pretrained: Optional[str] = "openai",
-                 classes: Union[Sequence[str], str, None] = None, *, device: Any = None,
-                 dtype: Optional[torch.dtype] = None, slide: Optional[Tuple[int, int]] = (224, 112),
-                 short_side: Optional[int] = 336, max_long_side: Optional[int] = 2048, pamr: bool = True,
+    def __init__(self, model: Union[str, nn.Module, LoadedCLIP] = "ViT-B-16", pretrained: Optional[str] = "openai",
+                 classes: Union[Sequence[str], str, None] = None, *, method: str = DEFAULT_METHOD,
+                 device: Any = None, dtype: Optional[torch.dtype] = None,
+                 slide: Optional[Tuple[int, int]] = DEFAULT, short_side: Optional[int] = DEFAULT,
+                 max_long_side: Optional[int] = 2048, pamr: bool = DEFAULT,
                  pamr_iters: int = 10, pamr_dilations: Sequence[int] = (8, 16),
                  confidence_threshold: Optional[float] = None, background_index: Optional[int] = 0,
-                 logit_scale: float = 40.0, similarity: str = "kk", sigma: Optional[float] = 5.0,
-                 architecture: str = "reduced", backend: str = "auto", window_batch_size: int = 16,
-                 templates: Optional[Sequence[str]] = None, cache_dir: Any = None, tokenizer: Any = None,
-                 weights_id: Optional[str] = None, text_batch_size: int = 256, return_logits: bool = False):
+                 logit_scale: float = DEFAULT, similarity: str = DEFAULT, sigma: Optional[float] = DEFAULT,
+                 architecture: str = DEFAULT, vfm: Any = DEFAULT, vfm_pretrained: Optional[str] = DEFAULT,
+                 method_options: Optional[Dict[str, Any]] = None, backend: str = "auto",
+                 window_batch_size: int = 16, templates: Optional[Sequence[str]] = None, cache_dir: Any = None,
+                 tokenizer: Any = None, weights_id: Optional[str] = None, text_batch_size: int = 256,
+                 return_logits: bool = False):
         # ---- options (validated before anything expensive happens)
         if backend not in BACKENDS:
             raise ValueError(f"Segmenter: backend must be one of {BACKENDS}, got {backend!r}")
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"Segmenter: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        spec, settings, method_opts = _resolve_method(
+            method, dict(slide=slide, short_side=short_side, pamr=pamr, logit_scale=logit_scale),
+            dict(similarity=similarity, sigma=sigma, architecture=architecture, vfm=vfm,
+                 vfm_pretrained=vfm_pretrained), method_options)
+        slide, short_side, pamr, logit_scale = (settings[k] for k in PIPELINE_SETTINGS)
         slide = _check_slide(slide)
         if short_side is not None:
             _check_pos_int("short_side", short_side)
@@ -173,10 +229,6 @@ class Segmenter:
                              "a class file path; or use Segmenter.from_preset(name)")
         if isinstance(classes, (list, tuple)):
             parse_classes(classes)   # fail on a bad class list before loading a model
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"Segmenter: similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        if sigma is not None:
-            check_positive_float("Segmenter", "sigma", sigma, allow_none=True)
         if background_index is not None and (isinstance(background_index, bool)
                                              or not isinstance(background_index, int) or background_index < 0):
             raise ValueError(f"Segmenter: background_index must be None or a class index >= 0, got "
@@ -194,6 +246,7 @@ class Segmenter:
         self.window_batch_size = window_batch_size
         self.return_logits = bool(return_logits)
         self._backend = backend
+        self.method = spec.name
 
         # ---- device / dtype
         if device is None:
@@ -210,7 +263,13 @@ class Segmenter:
         self.device, self.dtype = device, dtype
 
         # ---- model
-        if isinstance(model, nn.Module):
+        if isinstance(model, LoadedCLIP):
+            if pretrained is not None or tokenizer is not None or weights_id is not None:
+                raise ValueError("Segmenter: with a LoadedCLIP, pretrained/tokenizer/weights_id must be None (they "
+                                 "come from it)")
+            check_vit(model.model)
+            loaded = LoadedCLIP(**{**vars(model), "model": model.model.to(device=device, dtype=dtype).eval()})
+        elif isinstance(model, nn.Module):
             if pretrained is not None:
                 raise ValueError("Segmenter: pretrained must be None when model is an nn.Module (its weights are "
                                  "already loaded)")
@@ -228,34 +287,38 @@ class Segmenter:
                 raise ValueError("Segmenter: tokenizer/weights_id are only for a model passed as an nn.Module")
             loaded = load_clip(model, pretrained, device=device, dtype=dtype)
         else:
-            raise TypeError(f"Segmenter: model must be an open_clip model name or an nn.Module, got "
+            raise TypeError(f"Segmenter: model must be an open_clip model name, an nn.Module or a LoadedCLIP, got "
                             f"{type(model).__name__}")
         self.loaded = loaded
         self.model = loaded.model
         self.mean, self.std = loaded.mean, loaded.std
         patch_size = self.model.visual.patch_size
         self.patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
+        self.method_options = dict(method_opts)
 
         # ---- text (before patching, so that a bad class list or template cannot leave the model patched)
         self.text_encoder = TextEncoder(self.model, loaded.tokenizer, loaded.model_name, loaded.weights_id,
                                         templates=templates, cache_dir=cache_dir, batch_size=text_batch_size)
         self.set_classes(classes)
 
-        # ---- the NACLIP last block on this model instance (undone by close())
-        self.handle = patch_naclip(self.model, similarity=similarity, sigma=sigma, architecture=architecture,
-                                   backend=backend)
+        # ---- the method's dense-feature head on this model instance (undone by close())
+        self.head = spec.build(MethodContext(model=self.model, mean=self.mean, std=self.std, device=device,
+                                             dtype=dtype, backend=backend, options=method_opts))
+        # The attention family's NaclipPatch (None for methods that do not patch the model).
+        self.handle = getattr(self.head, "handle", None)
 
     # ------------------------------------------------------------------------------------------------ options
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "Segmenter":
-        """A segmenter with a benchmark preset's classes and settings (``naclip.presets.get_preset(name)``:
-        classes, short_side, slide, confidence_threshold, background_index); keyword arguments override them."""
+    def from_preset(cls, name: str, method: str = DEFAULT_METHOD, **overrides: Any) -> "Segmenter":
+        """A segmenter with a benchmark preset's classes and the method's settings for that benchmark
+        (``naclip.presets.get_preset(name)``: classes, background_index; short_side, slide and
+        confidence_threshold as the method sets them per benchmark: NACLIP's for the attention family, ProxyCLIP's
+        own for ``method="proxyclip"``); keyword arguments override them."""
         from naclip import presets  # lazy: the presets module is optional for the core API
         preset = presets.get_preset(name)
-        kwargs: Dict[str, Any] = dict(classes=list(preset.classes), short_side=preset.short_side,
-                                      slide=None if preset.slide is None else tuple(preset.slide),
-                                      confidence_threshold=preset.confidence_threshold,
-                                      background_index=preset.background_index)
+        kwargs: Dict[str, Any] = dict(classes=list(preset.classes), background_index=preset.background_index,
+                                      **get_method(method).preset_settings(preset))
+        kwargs["method"] = method
         kwargs.update(overrides)
         segmenter = cls(**kwargs)
         if "classes" not in overrides:
@@ -281,7 +344,7 @@ class Segmenter:
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
             raise ValueError(f"Segmenter: backend must be one of {BACKENDS}, got {value!r}")
-        self.handle.block.backend = value
+        self.head.backend = value
         self._backend = value
 
     def set_classes(self, classes: Union[Sequence[str], str]) -> None:
@@ -310,8 +373,9 @@ class Segmenter:
         return self._query_embeddings
 
     def close(self) -> None:
-        """Restore the model's original last block (the segmenter is unusable afterwards)."""
-        self.handle.remove()
+        """Undo the method's changes to the model (the attention family restores the original last block); the
+        segmenter is unusable afterwards."""
+        self.head.remove()
 
     # ------------------------------------------------------------------------------------------------ inference
     def __call__(self, images: Any) -> Union[SegmentationResult, List[SegmentationResult]]:
@@ -328,24 +392,28 @@ class Segmenter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _padded_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """``size`` rounded up to the method's pad multiple (the CLIP patch size for the attention family)."""
+        ph, pw = self.head.pad_multiple
+        return size[0] + (-size[0]) % ph, size[1] + (-size[1]) % pw
+
     def _pad_to_patch(self, x: torch.Tensor) -> torch.Tensor:
-        ph, pw = self.patch_size
-        pad_h, pad_w = (-x.shape[-2]) % ph, (-x.shape[-1]) % pw
+        height, width = self._padded_size(tuple(x.shape[-2:]))
+        pad_h, pad_w = height - x.shape[-2], width - x.shape[-1]
         return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
     def _window_logits(self, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Cosine logits ``[n, Q, h, w]`` float32 on the patch grid for normalised crops ``[n, 3, H, W]``."""
-        feats, (h, w) = dense_features(self.model, self._pad_to_patch(crops))
+        """Cosine logits ``[n, Q, h, w]`` float32 on the method's feature grid (CLIP's patch grid, or the VFM's for
+        ProxyCLIP) for normalised crops ``[n, 3, H, W]``."""
+        feats, (h, w) = self.head(self._pad_to_patch(crops))
         feats = F.normalize(feats.float(), dim=-1)
         logits = feats @ text.t()                                       # [n, h*w, Q]
         return logits.transpose(1, 2).reshape(crops.shape[0], -1, h, w)
 
     def _upsample_crop(self, logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        """Patch-grid logits ``[n, Q, h, w]`` -> pixel logits ``[n, Q, *size]``: bilinearly upsampled to the padded
+        """Grid logits ``[n, Q, h, w]`` -> pixel logits ``[n, Q, *size]``: bilinearly upsampled to the padded
         size (the grid covers it exactly), then the padding is cropped off."""
-        ph, pw = self.patch_size
-        padded = (logits.shape[-2] * ph, logits.shape[-1] * pw)
-        up = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+        up = F.interpolate(logits, size=self._padded_size(size), mode="bilinear", align_corners=False)
         return up[..., :size[0], :size[1]]
 
     def _logits_whole(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -430,7 +498,7 @@ class Segmenter:
                                   logits=result_logits)
 
     def __repr__(self) -> str:
-        return (f"Segmenter(model={self.loaded.model_name!r}, classes={len(self.class_names)} "
+        return (f"Segmenter(model={self.loaded.model_name!r}, method={self.method!r}, classes={len(self.class_names)} "
                 f"({len(self.queries)} queries), device={str(self.device)!r}, dtype={self.dtype}, slide={self.slide}, "
                 f"short_side={self.short_side}, pamr={self.pamr}, backend={self._backend!r}, "
-                f"block={self.handle.block.extra_repr()})")
+                f"head={self.head.extra_repr()})")
