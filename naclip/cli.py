@@ -7,7 +7,8 @@
   were written);
 * 2: a user error stopped the run before any work (bad option, empty class list, unknown preset, unreadable
   data folder, model that cannot be loaded); reported as one line ``naclip: error: ...`` without a traceback;
-* 130: interrupted (Ctrl+C).
+* 130: interrupted (Ctrl+C);
+* 141: stdout was closed early (``naclip presets | head -1``); the command stopped without a message.
 
 Set ``NACLIP_DEBUG=1`` to get full tracebacks instead of one-line messages.
 
@@ -52,8 +53,10 @@ def _err(message: str, writer: Optional[Callable[[str], None]] = None) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    """An exception as one line: multi-line messages are joined, the helper-name prefixes dropped."""
-    text = " ".join(str(exc).split())
+    """An exception as one line: multi-line messages are joined, the helper-name prefixes dropped; a message written
+    for the command line (``ModelLoadError.cli_message``: ``--pretrained /path`` rather than ``pretrained='/path'``)
+    is preferred."""
+    text = " ".join(str(getattr(exc, "cli_message", None) or exc).split())
     for prefix in ("load_image: ", "load_clip: "):
         if text.startswith(prefix):
             text = text[len(prefix):]
@@ -139,9 +142,25 @@ def model_loading_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     pretrained = args.pretrained
     if pretrained is not None and str(pretrained).strip().lower() in ("none", "random", ""):
         pretrained = None
-    return dict(model=args.model, pretrained=pretrained, device=_resolve_device(args.device),
+    device = _resolve_device(args.device)
+    _check_backend(args.backend, device)
+    return dict(model=args.model, pretrained=pretrained, device=device,
                 dtype={"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype],
                 backend=args.backend)
+
+
+def _check_backend(backend: str, device: str) -> None:
+    """``--backend triton`` where it cannot run is an error now, before the model loads, rather than a failure
+    of every image after it (naclip_kernels says why)."""
+    if backend != "triton":
+        return
+    import torch
+    from naclip_kernels._backend import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(torch.device(device))
+    if reason is not None:
+        raise UserError(f"--backend triton cannot run on {device}: "
+                        + reason.replace("backend='torch'", "--backend torch"))
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,8 +180,45 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "list a background class first); 'none' disables (default: the preset's, else none)")
 
 
+def version_text() -> str:
+    """``naclip 0.1.0 (torch 2.14.1, triton 3.8.0, open_clip 3.3.0, Python 3.11.7)``, from the installed packages'
+    metadata: nothing is imported, so it is instant and works even when torch itself is broken."""
+    from importlib import metadata
+
+    def installed(dist: str) -> Optional[str]:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    own = installed("naclip-kernels")
+    if own is None:        # a source checkout on PYTHONPATH: read the version without importing torch
+        import re
+
+        init = Path(__file__).resolve().parents[1] / "naclip_kernels" / "__init__.py"
+        found = re.search(r'^__version__ = "([^"]+)"', init.read_text(encoding="utf-8"), re.M) if init.is_file() \
+            else None
+        own = f"{found.group(1) if found else 'unknown'} (not installed)"
+    deps = [f"{name} {installed(dist) or 'not installed'}"
+            for name, dist in (("torch", "torch"), ("triton", "triton"), ("open_clip", "open_clip_torch"))]
+    return f"{PROG} {own} ({', '.join(deps)}, Python {sys.version.split()[0]})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="NACLIP training-free open-vocabulary segmentation with CLIP.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version of naclip-kernels and of torch, triton and open_clip, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -172,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "value = class index) and <name>_overlay.png (colours + legend) per image, and "
                     "<name>_probs.npy with --save-probs.",
         epilog="Class syntax: --classes 'cat, sofa/couch' (commas between classes, '/' between synonyms); "
-               "--classes-file F: one class per line, synonyms separated by commas (NACLIP's cls_*.txt format).")
+               "--classes-file F: one class per line, synonyms separated by commas (NACLIP's cls_*.txt format). "
+               "Output names: <name> is the file name without its extension (with its sub-folder for images found "
+               "in folders); when two inputs give the same name, the later one gets its extension appended "
+               "(cat.jpg -> cat_*, cat.png -> cat_png_*), so nothing is overwritten.")
     seg.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (searched "
                      "recursively for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")")
     cls = seg.add_mutually_exclusive_group(required=True)
@@ -197,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default=None, help="split name (default: val, validation for ADE20K, val2017 for COCO)")
     ev.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="only the first N images")
     ev.add_argument("--json", default=None, metavar="FILE",
-                    help="also write the results as JSON; '-' = JSON to stdout and the table to stderr")
+                    help="also write the results as JSON, metrics as fractions in [0, 1] (\"units\": \"fraction\"; "
+                         "the table prints percent); '-' = JSON to stdout and the table to stderr")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_arguments(ev)
 
@@ -219,6 +279,35 @@ def default_segmenter_factory(preset: Optional[str] = None, **kwargs):
     if preset is not None:
         return Segmenter.from_preset(preset, **kwargs)
     return Segmenter(**kwargs)
+
+
+def describe_weights(pretrained: Optional[str]) -> str:
+    """``--pretrained`` in words: ``pretrained weights 'openai'``, ``weights from /w.pt`` or ``random weights``."""
+    text = "" if pretrained is None else str(pretrained).strip()
+    if text.lower() in ("none", "random", ""):
+        return "random weights"
+    if os.path.isfile(os.path.expanduser(text)):
+        return f"weights from {text}"
+    return f"pretrained weights '{text}'"
+
+
+def announce_loading(args: argparse.Namespace, quiet: bool = False) -> float:
+    """Say what is loading before torch and open_clip are imported (seconds of silence otherwise, which look like a
+    hang when the weights then turn out to be unavailable offline). Returns the start time for
+    :func:`announce_loaded`. Random weights get no mention here: load_clip warns about them, once."""
+    if not quiet:
+        weights = "" if describe_weights(args.pretrained) == "random weights" else \
+            f" with {describe_weights(args.pretrained)}"
+        print(f"{PROG}: loading {args.model}{weights} (importing torch and open_clip first takes a few seconds)...",
+              file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def announce_loaded(start: float, kwargs: Dict[str, Any], quiet: bool = False) -> None:
+    if not quiet:
+        dtype = str(kwargs.get("dtype", "")).replace("torch.", "")
+        print(f"{PROG}: model ready in {time.perf_counter() - start:.1f} s ({kwargs.get('device')}, {dtype})",
+              file=sys.stderr, flush=True)
 
 
 def _resolve_device(device: Optional[str]) -> str:
@@ -261,10 +350,14 @@ def _build_segmenter(factory, preset: Optional[str], kwargs: Dict[str, Any]):
     except Exception as exc:       # noqa: BLE001 - a model that cannot load is a user-facing error, one line
         if _debug():
             raise
-        # ModelLoadError / ValueError messages are written for users; for anything else the type helps.
-        plain = isinstance(exc, ValueError) or type(exc).__name__ == "ModelLoadError"
-        what = "" if plain else f"{type(exc).__name__}: "
-        raise UserError(f"could not create the segmenter: {what}{_one_line(exc)}") from None
+        raise UserError(f"could not create the segmenter: {load_error_message(exc)}") from None
+
+
+def load_error_message(exc: BaseException) -> str:
+    """One line for an exception raised while building the segmenter (``segment``, ``eval`` and ``serve``)."""
+    # ModelLoadError / ValueError messages are written for users; for anything else the type helps.
+    plain = isinstance(exc, ValueError) or type(exc).__name__ == "ModelLoadError"
+    return ("" if plain else f"{type(exc).__name__}: ") + _one_line(exc)
 
 
 def _to_numpy(x):
@@ -415,10 +508,12 @@ def _cmd_segment(args, factory) -> int:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise UserError(f"output folder '{out_dir}' is not writable")
 
+    start = announce_loading(args, args.quiet)
     kwargs = _segmenter_kwargs(args)
     if class_lines is not None:
         kwargs["classes"] = list(class_lines)
     segmenter = _build_segmenter(factory, preset_name, kwargs)
+    announce_loaded(start, kwargs, args.quiet)
 
     failed = len(input_errors)
     done = 0
@@ -468,8 +563,10 @@ def _cmd_eval(args, factory) -> int:
         if not json_parent.is_dir():
             raise UserError(f"--json: folder '{json_parent}' does not exist")
 
+    start = announce_loading(args, args.quiet)
     kwargs = _segmenter_kwargs(args)
     segmenter = _build_segmenter(factory, preset.name, kwargs)
+    announce_loaded(start, kwargs, args.quiet)
 
     cm = ConfusionMatrix(preset.num_classes, ignore_index=preset.ignore_index)
     failed, done = 0, 0
@@ -516,6 +613,8 @@ def _cmd_eval(args, factory) -> int:
     print(format_table(cm, names), file=table_out)
     summary = cm.summary(names)
     summary.update({
+        # The table prints percent; the JSON keeps exact fractions and says so (mIoU, aAcc, mAcc, IoU, Acc).
+        "units": "fraction",
         "preset": preset.name, "data_root": str(dataset.root), "split": dataset.split, "images": done,
         "failed": failed, "seconds": round(elapsed, 3),
         "mean_stage_seconds": {k: v / done for k, v in stage_totals.items()},
@@ -597,8 +696,27 @@ def main(argv: Optional[Sequence[str]] = None, *, segmenter_factory: Optional[Ca
     warnings.formatwarning = _format_warning
     try:
         return _main(argv, segmenter_factory)
+    except BrokenPipeError:
+        # The reader of stdout went away (`naclip presets | head -1`): stop quietly, as Unix tools do (141 is the
+        # status a shell shows for a command stopped by SIGPIPE).
+        _discard_stdout()
+        return 141
     finally:
         warnings.formatwarning = saved
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of what is still buffered does not raise
+    again ("Exception ignored ... BrokenPipeError") on the way out."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):    # a replaced sys.stdout (tests): nothing is flushed at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _main(argv, segmenter_factory) -> int:

@@ -283,12 +283,13 @@ def _label_png_bytes(labels: np.ndarray) -> bytes:
 def render_result(image: Image.Image, labels: np.ndarray, class_names: Sequence[str], config: ServerConfig
                   ) -> Dict[str, Any]:
     """Overlay (no legend drawn in: the page has its own), label map (palette PNG), and the legend entries:
-    every requested class with its colour and pixel share, largest share first. naclip.visualize draws."""
+    every requested class with its overlay colour and pixel share, largest share first (the label map keeps the
+    PASCAL VOC colours of a label PNG). naclip.visualize draws."""
     from naclip import visualize
 
     names = visualize.legend_names(class_names)
     shares = dict(visualize.class_shares(labels, [str(k) for k in range(len(names))]))   # keyed by id
-    legend = [{"index": i, "name": n, "color": "#%02x%02x%02x" % visualize.class_color(i),
+    legend = [{"index": i, "name": n, "color": "#%02x%02x%02x" % visualize.overlay_color(i),
                "share": float(shares.get(str(i), 0.0))} for i, n in enumerate(names)]
     legend.sort(key=lambda e: -e["share"])           # stable: ties keep the class order
     over = visualize.overlay(image, labels, class_names, alpha=config.alpha, legend=None)
@@ -379,6 +380,10 @@ def create_app(segmenter: Any = None, config: Optional[ServerConfig] = None, *,
     def segment():
         t_start = time.perf_counter()
         timings: List[Dict[str, Any]] = []
+        if request.mimetype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            # Otherwise request.form is empty and the caller would be told to type a class name.
+            raise RequestError("POST /api/segment takes multipart/form-data (fields: image or sample, classes, mode, "
+                               f"pamr), not {request.mimetype or 'a body without a Content-Type'}.", 415)
         form = request.form            # parses the multipart body (413 if over MAX_CONTENT_LENGTH)
         classes = parse_classes(form.get("classes"), config.max_classes, config.max_class_chars)
         mode = (form.get("mode") or config.default_mode).strip().lower()
@@ -485,11 +490,22 @@ def _parse_window(text: str) -> Tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _parse_port(text: str) -> int:
+    """A TCP port, 1..65535, or 0 for a free one (the socket layer would silently take 99999 modulo 65536)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid --port {text!r}: expected 1..65535, or 0 for a free port")
+    return port
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``naclip serve``; the model options are the CLI's (same names and defaults)."""
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free port)")
+    parser.add_argument("--port", type=_parse_port, default=7860, help="port (default: 7860; 0 picks a free port)")
     from naclip.cli import add_model_loading_arguments
 
     g = parser.add_argument_group("model")
@@ -518,6 +534,22 @@ def build_segmenter(args: argparse.Namespace):
                      short_side=args.short_side)
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Raise ValueError if ``host:port`` cannot be bound right now (the address is taken or not this machine's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As werkzeug's server does, so a port in TIME_WAIT from a previous run is not reported as taken.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port (0 picks a "
+                         "free one) or --host") from None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -532,7 +564,7 @@ def run_serve(args: argparse.Namespace, *, segmenter: Any = None) -> int:
     ``segmenter``: use this one instead of loading ``args.model`` (tests)."""
     from werkzeug.serving import make_server
 
-    from naclip.cli import UserError, model_loading_kwargs
+    from naclip.cli import UserError, announce_loaded, announce_loading, load_error_message, model_loading_kwargs
 
     try:
         config = ServerConfig(max_megapixels=args.max_megapixels, max_upload_mb=args.max_upload_mb,
@@ -540,7 +572,10 @@ def run_serve(args: argparse.Namespace, *, segmenter: Any = None) -> int:
                               queue_timeout=args.queue_timeout, window=tuple(args.slide))
         if args.short_side is not None and args.short_side < 1:
             raise ValueError(f"--short-side must be a positive number of pixels, got {args.short_side}")
-        loading = model_loading_kwargs(args)   # checks --device before the model loads
+        # A port that is taken (7860 is also Gradio's default) should fail now, not after the model has loaded.
+        _check_can_listen(args.host, args.port)
+        t0 = announce_loading(args) if segmenter is None else time.perf_counter()
+        loading = model_loading_kwargs(args)   # checks --device and --backend before the model loads
     except (ValueError, UserError) as exc:
         print(f"naclip serve: error: {exc}", file=sys.stderr)
         return 2
@@ -548,14 +583,12 @@ def run_serve(args: argparse.Namespace, *, segmenter: Any = None) -> int:
     device = loading["device"]
     config.model_info = {"model": args.model, "pretrained": weights, "device": device, "dtype": args.dtype}
     if segmenter is None:
-        print(f"Loading {args.model} ({weights}) on {device}...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
         try:
             segmenter = build_segmenter(argparse.Namespace(**{**vars(args), "device": device}))
         except Exception as exc:    # noqa: BLE001 - a bad model name / path / device: one line, no traceback
-            print(f"naclip serve: error: could not load the model: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        print(f"Model loaded in {time.perf_counter() - t0:.1f} s.", file=sys.stderr, flush=True)
+            print(f"naclip serve: error: could not load the model: {load_error_message(exc)}", file=sys.stderr)
+            return 2
+        announce_loaded(t0, loading)
     app = create_app(segmenter, config)
     try:
         server = make_server(args.host, args.port, app, threaded=True)

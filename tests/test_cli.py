@@ -76,8 +76,11 @@ def _image(path, w=12, h=8, red=(0, 80)):
     return path
 
 
+_STATUS = ("naclip: loading ", "naclip: model ready ")      # progress lines (tests/test_first_run.py checks them)
+
+
 def _err_lines(capsys):
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith(_STATUS)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,7 +360,7 @@ def test_eval_errors(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_palette_label_png_overlay_and_shares(tmp_path):
-    from naclip.visualize import class_color, class_shares, overlay, palette, save_label_png
+    from naclip.visualize import class_color, class_shares, overlay, overlay_color, palette, save_label_png
 
     pal = palette()
     assert pal.shape == (256, 3) and pal.dtype == np.uint8
@@ -378,9 +381,11 @@ def test_palette_label_png_overlay_and_shares(tmp_path):
     img = Image.new("RGB", (8, 4), (200, 200, 200))             # a different size: resized to the labels
     plain = overlay(img, labels, names, alpha=1.0, legend=None)
     arr = np.asarray(plain)
-    assert plain.size == (4, 2) and tuple(arr[0, 1]) == (128, 0, 0) and tuple(arr[0, 3]) == (200, 200, 200)
+    # Overlays use their own distinguishable colours (not VOC's black for class 0); ignored pixels stay as they are.
+    assert plain.size == (4, 2) and tuple(arr[0, 1]) == overlay_color(1) and tuple(arr[0, 3]) == (200, 200, 200)
+    assert tuple(arr[0, 0]) == overlay_color(0)
     half = np.asarray(overlay(img, labels, names, alpha=0.5, legend=None))
-    assert tuple(half[1, 0]) == (100, 164, 100)                  # 0.5 * 200 + 0.5 * (0, 128, 0), rounded
+    assert tuple(half[1, 0]) == tuple(int(0.5 * 200 + 0.5 * c + 0.5) for c in overlay_color(2))   # rounded blend
     present = overlay(img, labels, names, legend="present")
     everything = overlay(img, np.zeros((2, 4), np.int64), names, legend="all")
     assert present.size[0] > 4 and present.size[1] >= 3 * 11   # a legend panel with three rows
