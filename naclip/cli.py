@@ -495,6 +495,10 @@ def _cmd_segment(args, factory) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
     preset_name, class_lines, legend_names = _class_setup(args)
+    if len(legend_names) == 1:
+        # Scores are a softmax over the listed classes: with one class, every pixel gets it.
+        print(f"{PROG}: warning: only one class ({legend_names[0]!r}), so every pixel gets it; list the other "
+              f"things in the images too, e.g. --classes '{legend_names[0]}, background'", file=sys.stderr)
     out_dir = Path(args.out).expanduser()
     images, input_errors = _collect_inputs(args.inputs, out_dir)
     for line in input_errors:

@@ -309,8 +309,9 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai"
         except Exception as exc:
             raise ModelLoadError(f"load_clip: could not build {model_name!r}: {exc}") from exc
         weights_id = None
-    elif os.path.isfile(os.fspath(pretrained)):
-        path = os.path.abspath(os.fspath(pretrained))
+    elif os.path.isfile(os.path.expanduser(os.fspath(pretrained))):
+        # expanduser: `--pretrained=~/w.pt` and pretrained="~/w.pt" reach us with the ~ (no shell expanded it).
+        path = os.path.abspath(os.path.expanduser(os.fspath(pretrained)))
         try:
             model = _create_unloaded(open_clip, model_name, **kwargs)
         except Exception as exc:

@@ -529,3 +529,21 @@ def test_json_body_is_told_to_use_multipart():
                      content_type="application/x-www-form-urlencoded")
     assert ok.status_code == 200, ok.get_data(as_text=True)[:300]
 
+
+
+def test_checkpoint_path_with_a_tilde_loads(tmp_path, monkeypatch):
+    """`--pretrained=~/w.pt` (and pretrained="~/w.pt" in Python) arrive unexpanded: no shell saw that ~."""
+    name = register_tiny_config()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _zip_checkpoint(tmp_path / "w.pt")
+    loaded = load_clip(name, pretrained="~/w.pt")
+    assert loaded.weights_id.startswith(f"file:{tmp_path / 'w.pt'}:")
+
+
+@pytest.mark.parametrize("classes, warned", [("cat", True), ("cat/kitten", True), ("cat, sofa", False)],
+                         ids=["one-class", "one-class-with-synonyms", "two-classes"])
+def test_a_single_class_is_warned_about(tmp_path, capsys, classes, warned):
+    assert main(["segment", str(_image(tmp_path / "a.png")), "--classes", classes, "--out", str(tmp_path / "o"),
+                 "-q"], segmenter_factory=Factory()) == 0
+    err = capsys.readouterr().err
+    assert ("naclip: warning: only one class ('cat'), so every pixel gets it" in err) == warned, err
