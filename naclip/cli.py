@@ -57,7 +57,7 @@ def _one_line(exc: BaseException) -> str:
     for the command line (``ModelLoadError.cli_message``: ``--pretrained /path`` rather than ``pretrained='/path'``)
     is preferred."""
     text = " ".join(str(getattr(exc, "cli_message", None) or exc).split())
-    for prefix in ("load_image: ", "load_clip: "):
+    for prefix in ("load_image: ", "load_clip: ", "load_vfm: "):
         if text.startswith(prefix):
             text = text[len(prefix):]
     if isinstance(exc, KeyError):       # str(KeyError('x')) is "'x'": say what it was
@@ -163,9 +163,61 @@ def _check_backend(backend: str, device: str) -> None:
                         + reason.replace("backend='torch'", "--backend torch"))
 
 
+# The method registry's names, without importing torch (naclip.methods imports it); tests check they agree.
+METHOD_NAMES = ("naclip", "sclip", "clearclip", "clip", "proxyclip")
+
+
+def add_vfm_arguments(g) -> None:
+    """``--vfm --vfm-pretrained``: ProxyCLIP's vision foundation model (``segment``, ``eval``, ``serve``)."""
+    g.add_argument("--vfm", default=None, metavar="NAME",
+                   help="ProxyCLIP's vision foundation model: dino_vitb8 (default), dino_vitb16, dinov2_vitb14_reg, "
+                        "sam_vitb, mae_vitb16, or any timm ViT name; implies --method proxyclip")
+    g.add_argument("--vfm-pretrained", default=None, metavar="TAG|FILE|none",
+                   help="the VFM's weights: a timm tag (default: the VFM's own, e.g. dino), a local checkpoint file "
+                        "(timm or original layout), or 'none' for random weights (tests only)")
+
+
+def method_kwargs(args: argparse.Namespace, method: Optional[str]) -> Dict[str, Any]:
+    """``vfm`` / ``vfm_pretrained`` for :class:`naclip.Segmenter` from ``--vfm --vfm-pretrained``, checked before
+    anything loads: the VFM options need ``method`` ``"proxyclip"``, a VFM name must be one timm knows, and a
+    ``--vfm-pretrained`` that looks like a path must exist."""
+    kwargs: Dict[str, Any] = {}
+    if args.vfm is None and args.vfm_pretrained is None:
+        return kwargs
+    if method != "proxyclip":
+        raise UserError(f"--vfm/--vfm-pretrained apply to --method proxyclip only (got --method {method})")
+    if args.vfm is not None:
+        from naclip.model import ModelLoadError
+        from naclip.vfm import resolve_vfm_name
+
+        try:
+            resolve_vfm_name(args.vfm)
+        except ModelLoadError as exc:
+            raise UserError(f"--vfm: {_one_line(exc)}") from None
+        kwargs["vfm"] = args.vfm
+    if args.vfm_pretrained is not None:
+        weights = str(args.vfm_pretrained).strip()
+        if weights.lower() in ("none", "random", ""):
+            kwargs["vfm_pretrained"] = None
+        else:
+            path = os.path.expanduser(weights)
+            looks_like_path = any(sep in weights for sep in ("/", "\\")) or \
+                weights.endswith((".pth", ".pt", ".bin", ".safetensors"))
+            if looks_like_path and not os.path.isfile(path):
+                raise UserError(f"--vfm-pretrained: no such file '{weights}'")
+            kwargs["vfm_pretrained"] = path if os.path.isfile(path) else weights
+    return kwargs
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     add_model_loading_arguments(g)
+    g.add_argument("--method", choices=METHOD_NAMES, default=None,
+                   help="segmentation method: naclip (default), sclip, clearclip, clip, proxyclip; each brings its "
+                        "own defaults (proxyclip: 336x112 windows, no PAMR, ProxyCLIP's preset thresholds)")
+    add_vfm_arguments(g)
+    g.add_argument("--pamr", dest="pamr", action="store_true", default=_UNSET,
+                   help="refine the masks with PAMR (the default of the NACLIP family; off for proxyclip)")
     g.add_argument("--no-pamr", dest="pamr", action="store_false", default=_UNSET,
                    help="skip the PAMR mask refinement (faster, about 3 mIoU lower)")
     g.add_argument("--slide", type=_parse_slide, default=_UNSET, metavar="WxS",
@@ -326,7 +378,12 @@ def _resolve_device(device: Optional[str]) -> str:
 
 def _segmenter_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """Model options for the factory; preset-level settings only when the user gave them."""
+    method = args.method if args.method is not None else ("proxyclip" if args.vfm is not None else None)
+    extra = method_kwargs(args, method or "naclip")
     kwargs = model_loading_kwargs(args)
+    if method is not None:
+        kwargs["method"] = method
+    kwargs.update(extra)
     if args.pamr is not _UNSET:
         kwargs["pamr"] = args.pamr
     if args.slide is not _UNSET:
