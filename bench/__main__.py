@@ -1,6 +1,6 @@
-"""``python -m bench attention|pamr|segment|all [options]`` (``python -m bench <name> --help`` for the options).
+"""``python -m bench attention|pamr|segment|proxy|all [options]`` (``python -m bench <name> --help`` for the options).
 
-``all`` runs attention, pamr and segment one after the other with the same options (``--providers`` is per
+``all`` runs attention, pamr, segment and proxy one after the other with the same options (``--providers`` is per
 benchmark, so it is not accepted by ``all``).
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-BENCHES = ("attention", "pamr", "segment")
+BENCHES = ("attention", "pamr", "segment", "proxy")
 
 
 def _module(name):

@@ -21,6 +21,10 @@ from typing import Any, Dict, List, Optional
 from bench import machine, results_io, tables
 from bench.attention import (BATCHED_GRIDS, GRIDS, HEAD_DIM, HEADS, attention_bytes, attention_flops, n_tokens)
 from bench.pamr import DILATIONS, IMAGES, NUM_ITER, QUERIES, pamr_bytes, pamr_flops
+from bench.proxy import CASES as PROXY_CASES
+from bench.proxy import HEAD_DIM as PROXY_HEAD_DIM
+from bench.proxy import HEADS as PROXY_HEADS
+from bench.proxy import proxy_bytes, proxy_flops
 
 # Per-SM limits used for the occupancy estimate (CUDA occupancy calculator figures).
 SM_LIMITS = {
@@ -28,6 +32,11 @@ SM_LIMITS = {
     "sm_90": {"regs": 65536, "smem": 233472, "warps": 64, "ctas": 32, "label": "H100"},
 }
 EAGER_SCORE_PASSES = 9   # QK^T write; scale read+write; +bias read+write; softmax read+write; PV read
+# ProxyCLIP's original, bytes per M^2 entry: S written (4), read for the mean (4), subtract and scale (2 x 8), the
+# mask compare and fill (~8), the cast to the values' dtype (4 + 2); then per head the repeated mask written (2),
+# soft-maxed (2 + 2) and read by the bmm (2).
+PROXY_ORIGINAL_BYTES_PER_ENTRY = 38.0
+PROXY_ORIGINAL_BYTES_PER_HEAD_ENTRY = 8.0
 
 
 # ==============================================================================================================
@@ -144,6 +153,46 @@ def pamr_estimates(peaks: Dict[str, float]) -> List[Dict]:
     return rows
 
 
+def proxy_estimates(peaks: Dict[str, float], dtype_bytes: int = 2) -> List[Dict]:
+    """Proxy attention (ProxyCLIP) at the ``bench proxy`` cases, CLIP's 12 heads x 64, one window, fp16.
+
+    The default half-precision config covers H*D = 768 in one program, so the kernel's matmul flops are the floor
+    ``2 M^2 (C + H*D)`` (no recomputed score tiles); one exp2 per score (masked entries too: SIMT lanes); HBM bytes
+    are the compulsory ones (features, values, output: K/V tiles are re-read from L2, ~M (C + H*D) * 2 B per
+    image, which fits it). Key tiles skipped as fully masked take the kernel below this floor on real features."""
+    rows = []
+    hd = PROXY_HEADS * PROXY_HEAD_DIM
+    for case, h, w, channels in PROXY_CASES:
+        m = h * w
+        flops = proxy_flops(m, channels, hd)
+        nbytes = proxy_bytes(m, channels, hd, dtype_bytes)
+        ours = _floors(flops, nbytes, float(m * m), peaks)
+        original_bytes = nbytes + (PROXY_ORIGINAL_BYTES_PER_ENTRY + PROXY_ORIGINAL_BYTES_PER_HEAD_ENTRY
+                                   * PROXY_HEADS) * m * m
+        original = _floors(flops, original_bytes, float(PROXY_HEADS * m * m), peaks)
+        rows.append({"kernel": "proxy_attention fwd", "case": case, "grid": f"{h}x{w}", "n_tokens": m,
+                     "channels": channels, "flops": flops, "bytes": nbytes, "exps": float(m * m), **ours,
+                     "original_bytes": original_bytes, "original_floor_s": original["floor_s"],
+                     "original_bound": original["bound"],
+                     "original_mask_gb": PROXY_HEADS * m * m * dtype_bytes / 1e9})
+    return rows
+
+
+def proxy_roofline_markdown(rows: List[Dict]) -> str:
+    f = tables.fmt_time
+    out = ["Proxy attention (ProxyCLIP), 12 heads x 64, one window, fp16 (weights once for all heads; one exp2 per "
+           "score; **ESTIMATE**):", "",
+           "| case | grid | M | C | GFLOP | MB moved | flop/byte | tensor floor | HBM floor | exp floor | estimate "
+           "(bound) | original's floor (its M^2 traffic) | original's repeated mask |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['case']} | {r['grid']} | {r['n_tokens']} | {r['channels']} | {r['flops'] / 1e9:.2f} | "
+                   f"{r['bytes'] / 1e6:.1f} | {r['intensity']:.0f} | {f(r['compute_s'])} | {f(r['bytes_s'])} | "
+                   f"{f(r['sfu_s'])} | {f(r['floor_s'])} ({r['bound']}) | {f(r['original_floor_s'])} "
+                   f"({r['original_bound']}) | {r['original_mask_gb']:.2f} GB |")
+    return "\n".join(out)
+
+
 def roofline_markdown(att: List[Dict], pam: List[Dict], peaks: Dict[str, float]) -> str:
     f = tables.fmt_time
     out = [f"**ESTIMATE, not a measurement**: roofline floors on an {peaks['label']} from flop/byte/exp counts "
@@ -178,6 +227,7 @@ def build(gpu: str = "H100", skip_aot: bool = False, defaults_only: bool = False
                            "roofline_is_estimate": True}
     doc["attention_estimates"] = attention_estimates(peaks)
     doc["pamr_estimates"] = pamr_estimates(peaks)
+    doc["proxy_estimates"] = proxy_estimates(peaks)
     doc["aot"] = {"available": False, "reason": "skipped (--skip-aot)", "rows": []} if skip_aot else \
         aot_section(defaults_only, jobs, ops, head_dims)
     return doc
@@ -186,7 +236,8 @@ def build(gpu: str = "H100", skip_aot: bool = False, defaults_only: bool = False
 def roofline_section_markdown(doc: Dict[str, Any]) -> str:
     peaks = doc["gpu_assumed"]
     return (f"### Roofline estimate on {peaks['label']} (ESTIMATE)\n\n"
-            + roofline_markdown(doc["attention_estimates"], doc["pamr_estimates"], peaks))
+            + roofline_markdown(doc["attention_estimates"], doc["pamr_estimates"], peaks)
+            + "\n\n" + proxy_roofline_markdown(doc["proxy_estimates"]))
 
 
 def aot_section_markdown(doc: Dict[str, Any]) -> str:
