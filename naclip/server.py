@@ -70,6 +70,9 @@ class ServerConfig:
     window: Tuple[int, int] = (224, 112)   # (crop, stride) in pixels of the sliding-window mode
     default_pamr: bool = True
     model_info: Dict[str, Any] = field(default_factory=dict)   # shown on the page (model, weights, device...)
+    # Methods offered by a method selector on the page (`naclip serve --vfm ...`: naclip and proxyclip), each with
+    # its sliding window and PAMR default; empty: one segmenter, no selector.
+    methods: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.max_megapixels <= 0 or self.max_upload_mb <= 0:
@@ -307,7 +310,9 @@ def render_result(image: Image.Image, labels: np.ndarray, class_names: Sequence[
 def create_app(segmenter: Any = None, config: Optional[ServerConfig] = None, *,
                segmenter_factory: Optional[Callable[[], Any]] = None) -> Flask:
     """The Flask app. Give either ``segmenter``, a loaded Segmenter shared by all requests, or ``segmenter_factory``,
-    a zero-argument callable that returns one; it is called once, by the first request that needs the model."""
+    a zero-argument callable that returns one; it is called once, by the first request that needs the model.
+    With ``config.methods``, the segmenter (or what the factory returns) is a mapping method name -> Segmenter and
+    each request picks one with its ``method`` field (default: the first)."""
     if (segmenter is None) == (segmenter_factory is None):
         raise ValueError("create_app needs exactly one of segmenter= and segmenter_factory=")
     config = config or ServerConfig()
@@ -389,7 +394,11 @@ def create_app(segmenter: Any = None, config: Optional[ServerConfig] = None, *,
         mode = (form.get("mode") or config.default_mode).strip().lower()
         if mode not in MODES:
             raise RequestError(f"mode must be 'slide' or 'whole', got {mode!r}.")
-        pamr = _parse_bool(form.get("pamr"), config.default_pamr, "PAMR")
+        method = (form.get("method") or next(iter(config.methods), "")).strip().lower()
+        if config.methods and method not in config.methods:
+            raise RequestError(f"Unknown method {method!r}; choose one of {', '.join(config.methods)}.")
+        pamr = _parse_bool(form.get("pamr"), config.methods[method]["pamr"] if config.methods else
+                           config.default_pamr, "PAMR")
 
         upload = request.files.get("image")
         sample = (form.get("sample") or "").strip()
@@ -415,8 +424,10 @@ def create_app(segmenter: Any = None, config: Optional[ServerConfig] = None, *,
                 get_segmenter()
                 timings.append({"stage": "load model", "seconds": time.perf_counter() - t0})
             t0 = time.perf_counter()
-            result = run_segmenter(state["segmenter"], image, classes,
-                                   window=tuple(config.window) if mode == "slide" else None, pamr=pamr)
+            chosen, window = state["segmenter"], tuple(config.window)
+            if config.methods:
+                chosen, window = chosen[method], tuple(config.methods[method]["window"])
+            result = run_segmenter(chosen, image, classes, window=window if mode == "slide" else None, pamr=pamr)
             seg_seconds = time.perf_counter() - t0
         finally:
             queue.release()
@@ -444,6 +455,7 @@ def create_app(segmenter: Any = None, config: Optional[ServerConfig] = None, *,
             "height": image.height,
             "classes": names,
             "mode": mode,
+            "method": method or None,
             "pamr": pamr,
             "timings": timings,
             **rendered,
@@ -506,10 +518,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=_parse_port, default=7860, help="port (default: 7860; 0 picks a free port)")
-    from naclip.cli import add_model_loading_arguments
+    from naclip.cli import add_model_loading_arguments, add_vfm_arguments
 
     g = parser.add_argument_group("model")
     add_model_loading_arguments(g)
+    add_vfm_arguments(g)        # --vfm: ProxyCLIP too, chosen on the page
     g.add_argument("--slide", type=_parse_window, default=(224, 112), metavar="CROPxSTRIDE",
                    help="window and stride of the page's 'sliding window' mode (default: 224x112)")
     g.add_argument("--short-side", type=int, default=336, metavar="PX",
@@ -526,12 +539,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def build_segmenter(args: argparse.Namespace):
-    """Load the Segmenter once, as the CLI does; each request sets its own classes, window and PAMR."""
-    from naclip import Segmenter
-    from naclip.cli import model_loading_kwargs
+    """Load the Segmenter once, as the CLI does; each request sets its own classes, window and PAMR.
 
-    return Segmenter(**model_loading_kwargs(args), classes=["object"], slide=tuple(args.slide),
+    With ``--vfm`` (or ``--vfm-pretrained``): ``{"naclip": ..., "proxyclip": ...}``, two segmenters on one CLIP
+    model (ProxyCLIP does not modify it), the second with ProxyCLIP's own window and the VFM."""
+    from naclip import Segmenter
+    from naclip.cli import method_kwargs, model_loading_kwargs
+
+    base = Segmenter(**model_loading_kwargs(args), classes=["object"], slide=tuple(args.slide),
                      short_side=args.short_side)
+    proxy = method_kwargs(args, "proxyclip") if (args.vfm or args.vfm_pretrained) else None
+    if proxy is None:
+        return base
+    return {"naclip": base,
+            "proxyclip": Segmenter(base.loaded, None, method="proxyclip", classes=["object"],
+                                   short_side=args.short_side, device=base.device, dtype=base.dtype,
+                                   backend=base.backend, **proxy)}
+
+
+def method_choices(segmenters: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``ServerConfig.methods`` for a mapping of segmenters: title, sliding window and PAMR default of each."""
+    from naclip.methods import get_method
+
+    return {name: {"title": get_method(name).title, "window": tuple(seg.slide or get_method(name).defaults["slide"]),
+                   "pamr": bool(seg.pamr)} for name, seg in segmenters.items()}
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -576,6 +607,9 @@ def run_serve(args: argparse.Namespace, *, segmenter: Any = None) -> int:
         _check_can_listen(args.host, args.port)
         t0 = announce_loading(args) if segmenter is None else time.perf_counter()
         loading = model_loading_kwargs(args)   # checks --device and --backend before the model loads
+        if getattr(args, "vfm", None) or getattr(args, "vfm_pretrained", None):
+            from naclip.cli import method_kwargs
+            method_kwargs(args, "proxyclip")   # a bad --vfm name or missing file: one line now, not after loading
     except (ValueError, UserError) as exc:
         print(f"naclip serve: error: {exc}", file=sys.stderr)
         return 2
@@ -589,6 +623,10 @@ def run_serve(args: argparse.Namespace, *, segmenter: Any = None) -> int:
             print(f"naclip serve: error: could not load the model: {load_error_message(exc)}", file=sys.stderr)
             return 2
         announce_loaded(t0, loading)
+    if isinstance(segmenter, dict):
+        config.methods = method_choices(segmenter)
+        vfm = segmenter["proxyclip"].head.vfm
+        config.model_info["vfm"] = f"{vfm.name} ({vfm.weights_id or 'random weights'})"
     app = create_app(segmenter, config)
     try:
         server = make_server(args.host, args.port, app, threaded=True)

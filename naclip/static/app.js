@@ -56,6 +56,11 @@
 
   sampleButtons.forEach((b) => b.addEventListener("click", () => selectSample(b)));
 
+  // Each method's own PAMR default (NACLIP on, ProxyCLIP off) when the user switches methods.
+  form.querySelectorAll("input[name=method]").forEach((radio) => radio.addEventListener("change", () => {
+    document.getElementById("pamr").checked = radio.dataset.pamr === "on";
+  }));
+
   fileInput.addEventListener("change", () => {
     clearError();
     const file = fileInput.files[0];
@@ -124,7 +129,8 @@
       tbody.appendChild(tr);
     }
     document.getElementById("result-info").textContent =
-      `${data.width}x${data.height} px, ${data.mode === "slide" ? "sliding window" : "whole image"}, ` +
+      `${data.width}x${data.height} px, ${data.method ? data.method + ", " : ""}` +
+      `${data.mode === "slide" ? "sliding window" : "whole image"}, ` +
       `PAMR ${data.pamr ? "on" : "off"}`;
     results.hidden = false;
     placeholder.hidden = true;
@@ -146,6 +152,8 @@
     }
     body.append("classes", classesInput.value);
     body.append("mode", form.querySelector("input[name=mode]:checked").value);
+    const method = form.querySelector("input[name=method]:checked");
+    if (method) body.append("method", method.value);
     body.append("pamr", document.getElementById("pamr").checked ? "on" : "off");
 
     submitButton.disabled = true;
