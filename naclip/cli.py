@@ -606,6 +606,25 @@ def _cmd_segment(args, factory) -> int:
 # eval
 # --------------------------------------------------------------------------------------------------------------
 
+def _data_root_hint(preset, args, max_folders: int = 32) -> str:
+    """``; did you mean --data-root X/VOC2012?`` when the dataset is one folder further down than --data-root
+    (the usual slip: VOCdevkit instead of VOCdevkit/VOC2012); empty otherwise."""
+    from naclip.datasets import DatasetError, dataset_for_preset
+
+    root = Path(args.data_root).expanduser()
+    try:
+        children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[:max_folders]
+    except OSError:
+        return ""
+    for child in children:
+        try:
+            dataset_for_preset(preset, child, split=args.split, limit=1)
+        except (DatasetError, OSError):
+            continue
+        return f"; did you mean --data-root {child}?"
+    return ""
+
+
 def _cmd_eval(args, factory) -> int:
     from naclip.datasets import DatasetError, dataset_for_preset
     from naclip.metrics import ConfusionMatrix, LabelRangeError, format_table
@@ -618,7 +637,7 @@ def _cmd_eval(args, factory) -> int:
     try:
         dataset = dataset_for_preset(preset, args.data_root, split=args.split, limit=args.limit)
     except DatasetError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc) + _data_root_hint(preset, args)) from None
     if args.json not in (None, "-"):
         json_parent = Path(args.json).expanduser().parent
         if not json_parent.is_dir():

@@ -76,7 +76,8 @@ def _image(path, w=12, h=8, red=(0, 80)):
     return path
 
 
-_STATUS = ("naclip: loading ", "naclip: model ready ")      # progress lines (tests/test_first_run.py checks them)
+# Progress lines and the one-class warning (several tests here use a single class): tests/test_first_run.py checks them.
+_STATUS = ("naclip: loading ", "naclip: model ready ", "naclip: warning: only one class ")
 
 
 def _err_lines(capsys):

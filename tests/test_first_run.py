@@ -135,7 +135,7 @@ class Spy:
 spy = Spy(sys.stderr)
 sys.stderr = spy
 from naclip.cli import main
-rc = main(["segment", {str(image)!r}, "--classes", "cat", "--out", {str(tmp_path / "o")!r}, "--device", "cpu"])
+rc = main(["segment", {str(image)!r}, "--classes", "cat, sofa", "--out", {str(tmp_path / "o")!r}, "--device", "cpu"])
 print(repr((rc, spy.first, len(probes))))
 """
     proc = run_python(code)
@@ -547,3 +547,15 @@ def test_a_single_class_is_warned_about(tmp_path, capsys, classes, warned):
                  "-q"], segmenter_factory=Factory()) == 0
     err = capsys.readouterr().err
     assert ("naclip: warning: only one class ('cat'), so every pixel gets it" in err) == warned, err
+
+
+def test_data_root_one_folder_too_high_gets_a_hint(tmp_path, capsys):
+    _voc(tmp_path / "VOCdevkit" / "VOC2012", {"x": np.zeros((4, 6), np.int64)})
+    (tmp_path / "VOCdevkit" / "VOC2010").mkdir()                  # a sibling that is not the dataset
+    f = Factory()
+    assert main(["eval", "--preset", "voc21", "--data-root", str(tmp_path / "VOCdevkit")], segmenter_factory=f) == 2
+    err = capsys.readouterr().err
+    assert f"did you mean --data-root {tmp_path / 'VOCdevkit' / 'VOC2012'}?" in err and f.calls == []
+    assert main(["eval", "--preset", "voc21", "--data-root", str(tmp_path / "VOCdevkit" / "VOC2010")],
+                segmenter_factory=f) == 2
+    assert "did you mean" not in capsys.readouterr().err               # no guess when there is nothing to find
