@@ -83,6 +83,9 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     kwargs = dict(model=spec["model"], pretrained=None, classes=spec["class_lines"], device=device, dtype=dtype,
                   slide=None if spec["slide"] is None else tuple(spec["slide"]), short_side=spec["short_side"],
                   pamr=True, backend=backend, window_batch_size=spec["window_batch_size"], cache_dir=False)
+    # Other whole-segmenter benchmarks reuse this row runner with their method's settings (bench/proxy_segment.py:
+    # method="proxyclip", vfm=..., pamr=False).
+    kwargs.update(spec.get("segmenter_kwargs") or {})
     if spec.get("templates"):
         kwargs["templates"] = spec["templates"]
     torch.manual_seed(0)                          # same random weights in every row: shared text embeddings stay valid
