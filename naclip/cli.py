@@ -18,6 +18,7 @@ The segmenter is created through a factory that tests can replace (``main(argv, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -108,6 +109,24 @@ def _parse_threshold(text: str):
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"invalid --threshold {text!r}: expected a probability in [0, 1] or 'none'")
     return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input pipeline and multi-process runs")
+    g.add_argument("--workers", type=_nonnegative_int, default=None, metavar="N",
+                   help="processes that decode images (and read labels) ahead of the model (default: min(4, "
+                        "CPUs); 0 = decode in the main process). Under torchrun (torchrun --nproc-per-node N -m "
+                        "naclip ...) each rank takes every N-th image and has its own workers")
 
 
 def _positive_int(text: str) -> int:
@@ -298,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="overlay legend: classes present in the image (default), all classes, or none")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     _add_model_arguments(seg)
+    _add_pipeline_arguments(seg)
 
     ev = sub.add_parser(
         "eval", help="mIoU of a preset on a dataset in mmsegmentation layout",
@@ -312,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "the table prints percent); '-' = JSON to stdout and the table to stderr")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_arguments(ev)
+    _add_pipeline_arguments(ev)
 
     sub.add_parser("presets", help="list the benchmark presets",
                    description="List the benchmark presets and their settings.")
@@ -428,19 +449,46 @@ def _to_numpy(x):
     return np.asarray(x)
 
 
-def _load_image(path: Path):
-    """``naclip.image.load_image`` (clear errors for missing / corrupt files)."""
-    from naclip.image import load_image
-
-    return load_image(path)
-
-
 def _progress(total: int, quiet: bool, desc: str):
     from tqdm import tqdm
 
     # A progress bar only makes sense on a terminal; in logs and pipes it is noise.
     disable = quiet or not sys.stderr.isatty() or total <= 1
     return tqdm(total=total, desc=desc, unit="img", disable=disable, file=sys.stderr, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _world(args):
+    """Join the torchrun job this process belongs to, if any (``naclip.distributed``), for one command: sets
+    ``args.world`` and, in a multi-process world, ``args.device`` to this rank's device."""
+    from naclip.distributed import DistributedError, process_group
+
+    try:
+        with process_group(args.device) as world:
+            args.world = world
+            if world.enabled:
+                args.device = world.device
+            yield world
+    except DistributedError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _decoded(args, image_paths, label_paths=None, dataset=None):
+    """The images (and labels) of this rank, decoded in ``--workers`` DataLoader worker processes."""
+    from naclip.datasets import DecodedImages, decoded_images, default_workers
+
+    labels = {} if dataset is None else dict(reduce_zero_label=dataset.reduce_zero_label,
+                                             ignore_index=dataset.ignore_index)
+    workers = default_workers() if args.workers is None else args.workers
+    return decoded_images(DecodedImages(image_paths, label_paths, **labels), workers)
+
+
+def _bar_title(title: str, world) -> str:
+    return f"{title} (rank 0 of {world.world_size})" if world.enabled else title
+
+
+def _ranks_note(world) -> str:
+    return f" by {world.world_size} processes" if world.enabled else ""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -558,7 +606,8 @@ def _cmd_segment(args, factory) -> int:
               f"things in the images too, e.g. --classes '{legend_names[0]}, background'", file=sys.stderr)
     out_dir = Path(args.out).expanduser()
     images, input_errors = _collect_inputs(args.inputs, out_dir)
-    for line in input_errors:
+    world = args.world
+    for line in input_errors if world.is_main else ():    # every rank sees the same inputs: report them once
         _err(line)
     if not images:
         raise UserError("no images to segment")
@@ -576,13 +625,17 @@ def _cmd_segment(args, factory) -> int:
     segmenter = _build_segmenter(factory, preset_name, kwargs)
     announce_loaded(start, kwargs, args.quiet)
 
-    failed = len(input_errors)
+    failed = len(input_errors) if world.is_main else 0
     done = 0
     start = time.perf_counter()
-    with _progress(len(images), args.quiet, "segment") as bar:
-        for path, name in images:
+    mine = world.shard(images)                           # rank r of W: images r, r + W, ...
+    decoded = _decoded(args, [path for path, _ in mine])
+    with _progress(len(mine), args.quiet or not world.is_main, _bar_title("segment", world)) as bar:
+        for (path, name), item in zip(mine, decoded):
             try:
-                image = _load_image(path)
+                if item.error is not None:
+                    raise item.error
+                image = item.image
                 result = segmenter(image)
                 _save_outputs(out_dir, name, image, result, legend_names, args)
                 done += 1
@@ -595,10 +648,11 @@ def _cmd_segment(args, factory) -> int:
                 msg = _one_line(exc)
                 _err(msg if str(path) in msg else f"{path}: {msg}", writer=lambda s: bar.write(s, file=sys.stderr))
             bar.update(1)
-    if not args.quiet:
+    done, failed = (sum(column) for column in zip(*world.gather((done, failed))))
+    if not args.quiet and world.is_main:
         elapsed = time.perf_counter() - start
         print(f"{PROG}: segmented {done} of {len(images)} image(s) in {elapsed:.1f} s -> {out_dir}"
-              + (f"; {failed} failed" if failed else ""), file=sys.stderr)
+              + (f"; {failed} failed" if failed else "") + _ranks_note(world), file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -651,12 +705,17 @@ def _cmd_eval(args, factory) -> int:
     cm = ConfusionMatrix(preset.num_classes, ignore_index=preset.ignore_index)
     failed, done = 0, 0
     stage_totals: Dict[str, float] = {}
+    fatal: Optional[str] = None
     start = time.perf_counter()
-    with _progress(len(dataset), args.quiet, f"eval {preset.name}") as bar:
-        for sample in dataset.samples:
+    world = args.world
+    samples = world.shard(dataset.samples)               # rank r of W: images r, r + W, ...
+    decoded = _decoded(args, [s.image_path for s in samples], [s.label_path for s in samples], dataset)
+    with _progress(len(samples), args.quiet or not world.is_main, _bar_title(f"eval {preset.name}", world)) as bar:
+        for sample, item in zip(samples, decoded):
             try:
-                image = _load_image(sample.image_path)
-                label = dataset.load_label(sample)
+                if item.error is not None:
+                    raise item.error
+                image, label = item.image, item.label
                 result = segmenter(image)
                 pred = _to_numpy(result.labels)
                 if pred.shape != label.shape:
@@ -669,9 +728,10 @@ def _cmd_eval(args, factory) -> int:
             except KeyboardInterrupt:
                 raise
             except LabelRangeError as exc:
-                # Not one bad image: the preset does not match the data. Stop with one clear line.
-                raise UserError(f"'{sample.label_path}': {exc}; is --preset {preset.name} right for this "
-                                f"dataset?") from None
+                # Not one bad image: the preset does not match the data. Stop with one clear line (after telling
+                # the other ranks, which would otherwise wait for this one in the reduction below).
+                fatal = f"'{sample.label_path}': {exc}; is --preset {preset.name} right for this dataset?"
+                break
             except Exception as exc:       # noqa: BLE001 - report the image and go on with the rest
                 if _debug():
                     raise
@@ -681,9 +741,23 @@ def _cmd_eval(args, factory) -> int:
                 _err(msg if str(path) in msg or isinstance(exc, DatasetError) else f"{path}: {msg}",
                      writer=lambda s: bar.write(s, file=sys.stderr))
             bar.update(1)
+    per_rank = world.gather((done, failed, stage_totals, fatal))
+    fatal = next((f for *_, f in per_rank if f is not None), None)
+    if fatal is not None:
+        raise UserError(fatal)
+    # Exact int64 sums over ranks: the per-class intersections, unions, predicted and labelled pixel counts all
+    # come from the confusion matrix, so the metrics are those of one process over all the images.
+    cm.matrix = world.sum_int64(cm.matrix)
+    done, failed = sum(r[0] for r in per_rank), sum(r[1] for r in per_rank)
+    stage_totals = {}
+    for _, _, totals, _ in per_rank:
+        for stage, seconds in totals.items():
+            stage_totals[stage] = stage_totals.get(stage, 0.0) + seconds
     elapsed = time.perf_counter() - start
     if done == 0:
         raise UserError(f"none of the {len(dataset)} image(s) could be evaluated")
+    if not world.is_main:
+        return 1 if failed else 0
 
     names = list(preset.label_names)
     # With --json - the JSON alone goes to stdout (so it can be piped); the table then goes to stderr.
@@ -696,7 +770,7 @@ def _cmd_eval(args, factory) -> int:
         # The table prints percent; the JSON keeps exact fractions and says so (mIoU, aAcc, mAcc, IoU, Acc).
         "units": "fraction",
         "preset": preset.name, "data_root": str(dataset.root), "split": dataset.split, "images": done,
-        "failed": failed, "seconds": round(elapsed, 3),
+        "failed": failed, "seconds": round(elapsed, 3), "processes": world.world_size,
         "mean_stage_seconds": {k: v / done for k, v in stage_totals.items()},
         "settings": {k: (str(v) if k in ("dtype",) else v) for k, v in kwargs.items()},
     })
@@ -814,10 +888,9 @@ def _main(argv, segmenter_factory) -> int:
     except SystemExit as exc:
         return _exit_code(exc)
     try:
-        if args.command == "segment":
-            return _cmd_segment(args, factory)
-        if args.command == "eval":
-            return _cmd_eval(args, factory)
+        if args.command in ("segment", "eval"):
+            with _world(args):
+                return (_cmd_segment if args.command == "segment" else _cmd_eval)(args, factory)
         if args.command == "presets":
             return _cmd_presets(args)
         parser.error(f"unknown command {args.command!r}")

@@ -30,12 +30,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = ["DatasetError", "Sample", "SegDataset", "LAYOUTS", "open_dataset", "dataset_for_preset", "load_label",
-           "reduce_zero_label"]
+           "reduce_zero_label", "Decoded", "DecodedImages", "decoded_images", "default_workers"]
 
 
 class DatasetError(RuntimeError):
@@ -226,3 +226,95 @@ def open_dataset(root, layout: str, split: Optional[str] = None, reduce_zero_lab
 def dataset_for_preset(preset, root, split: Optional[str] = None, limit: Optional[int] = None) -> SegDataset:
     """The dataset a :class:`naclip.presets.Preset` is evaluated on, with its label conventions."""
     return SegDataset(root, preset.dataset_layout, split, preset.reduce_zero_label, preset.ignore_index, limit)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding in DataLoader workers
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded item: the RGB ``PIL.Image`` (``None`` if it failed), its label (``int64 [H, W]``, or ``None``
+    when not asked for or failed) and the error that stopped it (``None`` on success)."""
+
+    index: int
+    image: Any
+    label: Optional[np.ndarray]
+    error: Optional[BaseException]
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives the trip from a worker process, else a ``RuntimeError`` with its type and message."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any failure to round-trip means "send a plain copy"
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class DecodedImages:
+    """A map-style dataset (for ``torch.utils.data.DataLoader``): item ``i`` decodes ``image_paths[i]`` with
+    :func:`naclip.image.load_image` and, with ``label_paths``, reads its label with :func:`load_label`.
+
+    Errors are returned in the item (:attr:`Decoded.error`), not raised: a corrupt image must be reported on its
+    own line while the other images go on, and an exception raised in a worker would stop the whole loader.
+    """
+
+    def __init__(self, image_paths: Sequence[Path], label_paths: Optional[Sequence[Path]] = None,
+                 reduce_zero_label: bool = False, ignore_index: int = 255):
+        if label_paths is not None and len(label_paths) != len(image_paths):
+            raise ValueError(f"DecodedImages: {len(label_paths)} label paths for {len(image_paths)} images")
+        self.image_paths = list(image_paths)
+        self.label_paths = None if label_paths is None else list(label_paths)
+        self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> Decoded:
+        from naclip.image import load_image
+
+        image = label = None
+        try:
+            image = load_image(self.image_paths[index])
+            if self.label_paths is not None:
+                label = load_label(self.label_paths[index], self.reduce_zero_label, self.ignore_index)
+        except Exception as exc:  # noqa: BLE001 - reported per image by the caller
+            return Decoded(index, None, None, _picklable(exc))
+        return Decoded(index, image, label, None)
+
+
+def default_workers() -> int:
+    """``--workers`` default: up to 4 decoding processes, never more than the CPUs this process may use."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus))
+
+
+def _keep(item):
+    """The DataLoader's collate function: items pass through unchanged (no batching, no tensor conversion)."""
+    return item
+
+
+def decoded_images(dataset: DecodedImages, workers: int = 0) -> Iterator[Decoded]:
+    """The items of ``dataset`` in order, decoded by ``workers`` DataLoader worker processes (0: in this process).
+
+    Workers decode ahead of the consumer (2 items each), so the model is fed while the next images decode.
+    Resizing and normalisation stay in the segmenter, on its device (a GPU does them faster than the workers).
+    """
+    if workers < 0:
+        raise ValueError(f"decoded_images: workers must be >= 0, got {workers}")
+    workers = min(workers, len(dataset))
+    if workers == 0 or len(dataset) <= 1:
+        for index in range(len(dataset)):
+            yield dataset[index]
+        return
+    from torch.utils.data import DataLoader
+
+    yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_keep,
+                          prefetch_factor=2)

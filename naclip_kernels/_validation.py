@@ -145,9 +145,9 @@ def check_proxy_attention_args(feats, v, beta, gamma, op: str = "proxy_attention
     if channels < 1 or channels > MAX_PROXY_CHANNELS:
         raise ValueError(f"{op}: feats' channel dim C (last dim of [B, M, C]) must be in [1, {MAX_PROXY_CHANNELS}], "
                          f"got {channels}")
-    if isinstance(beta, bool) or not isinstance(beta, Real):
+    if isinstance(beta, bool) or not isinstance(beta, (Real, *_SYM_FLOATS)):
         raise TypeError(f"{op}: beta must be a number, got {type(beta).__name__}")
-    if not math.isfinite(float(beta)):
+    if not -math.inf < beta < math.inf:  # also false for NaN
         raise ValueError(f"{op}: beta must be a finite number, got {beta!r}")
     gamma = check_positive_float(op, "gamma", gamma, allow_none=False)
-    return float(beta), gamma
+    return (beta if isinstance(beta, _SYM_FLOATS) else float(beta)), gamma

@@ -134,6 +134,26 @@ def test_mask_only_gradient_through_the_functional(rng):
     torch.testing.assert_close(mask.grad.sum(dim=(2, 3)), torch.full((1, 3), 64.0))
 
 
+def test_proxy_attention_gradcheck_float64(rng):
+    feats = torch.randn(2, 9, 6, generator=rng, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 9, 3, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, x: nk.proxy_attention(f, x, beta=0.9, gamma=2.0, backend="torch"),
+                                    (feats, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float64, id="float64"),
+                                   pytest.param(torch.float32, id="float32")])
+def test_proxy_attention_gradients_equal_the_reference(rng, dtype):
+    feats = torch.randn(2, 15, 8, generator=rng, dtype=torch.float64)
+    v = torch.randn(2, 3, 15, 4, generator=rng, dtype=torch.float64)
+    weight = torch.randn(2, 3, 15, 4, generator=rng, dtype=torch.float64)
+    inputs = [feats.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()]
+    grads = _grads(nk.proxy_attention(*inputs, backend="torch"), inputs, weight.to(dtype))
+    ref_inputs = [feats.clone().requires_grad_(), v.clone().requires_grad_()]
+    expected = _grads(nk.reference.proxy_attention(*ref_inputs), ref_inputs, weight)
+    _assert_grads_close(grads, expected, ("attention_grad", "torch", dtype), f"proxy/{dtype}")
+
+
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 def test_patched_model_gradients_match_the_reference_backend(rng):
     from naclip.model import dense_features, patch_naclip

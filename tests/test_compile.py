@@ -86,11 +86,14 @@ def test_modules_calling_each_op_compile_once(rng):
     refine = nk.PAMR(num_iter=2, dilations=(1, 2), backend="torch")
 
     class Head(torch.nn.Module):
-        """Attention over a patch grid, its output as a mask refined by PAMR at twice the grid size."""
+        """Attention over a patch grid, proxy attention with the input tokens as the "VFM" features, and the
+        result as a mask refined by PAMR at twice the grid size."""
 
         def forward(self, x, image, h: int, w: int):
-            y = attention(x, (h, w))
-            mask = y[:, 1:].transpose(1, 2).reshape(x.shape[0], 32, h, w)
+            batch = x.shape[0]
+            y = attention(x, (h, w))[:, 1:]
+            y = nk.proxy_attention(x[:, 1:], y.reshape(batch, h * w, 2, 16).transpose(1, 2), backend="torch")
+            mask = y.transpose(1, 2).reshape(batch, h * w, 32).transpose(1, 2).reshape(batch, 32, h, w)
             return refine(image, mask)
 
     def inputs(size):
@@ -106,6 +109,7 @@ def test_modules_calling_each_op_compile_once(rng):
         graph = [g for g in counter.graphs if len(g.graph.nodes)][0]
         assert _op_calls(graph, torch.ops.naclip_kernels.neighbour_attention) == 1
         assert _op_calls(graph, torch.ops.naclip_kernels.pamr) == 1
+        assert _op_calls(graph, torch.ops.naclip_kernels.proxy_attention) == 1
 
 
 def test_compiled_op_with_gradients(rng):

@@ -15,7 +15,7 @@ from torch.library import opcheck
 import naclip_kernels as nk
 from naclip_kernels._library import NAMESPACE, _backward_schema
 
-OPS = ("neighbour_attention", "pamr")
+OPS = ("neighbour_attention", "pamr", "proxy_attention")
 
 
 def _strided(shape, dtype, rng, layout):
@@ -122,6 +122,30 @@ def test_opcheck_pamr_same_size_mask_and_backward(rng):
     opcheck(torch.ops.naclip_kernels.pamr_backward.default, (grad, *plain))
 
 
+PROXY_CASES = [
+    pytest.param(torch.float64, "contiguous", id="float64-contiguous"),
+    pytest.param(torch.float32, "transposed", id="float32-transposed"),
+    pytest.param(torch.float16, "sliced", id="float16-sliced"),
+    pytest.param(torch.bfloat16, "contiguous", id="bfloat16-contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype,layout", PROXY_CASES)
+def test_opcheck_proxy_attention(rng, dtype, layout):
+    n_tokens = 3 * 5                                              # a ragged M
+    feats = _strided((2, 1, n_tokens, 12), dtype, rng, "sliced" if layout == "sliced" else "contiguous")[:, 0]
+    v = _strided((2, 3, n_tokens, 6), dtype, rng, layout)
+    opcheck(torch.ops.naclip_kernels.proxy_attention.default,
+            (feats.requires_grad_(), v.requires_grad_(), 1.2, 3.0, "torch"))
+
+
+def test_opcheck_proxy_attention_backward(rng):
+    feats = torch.randn(1, 10, 8, generator=rng, dtype=torch.float64)
+    v = torch.randn(1, 2, 10, 4, generator=rng, dtype=torch.float64)
+    grad = torch.randn(1, 2, 10, 4, generator=rng, dtype=torch.float64)
+    opcheck(torch.ops.naclip_kernels.proxy_attention_backward.default, (grad, feats, v, 0.8, 2.0, "torch"))
+
+
 def test_fake_kernels_give_shapes_without_running():
     """Inputs far too large to compute on this machine: only the fake kernels can answer, and they do."""
     with FakeTensorMode():
@@ -132,6 +156,9 @@ def test_fake_kernels_give_shapes_without_running():
         mask = torch.empty(32, 171, 64, 64, dtype=torch.bfloat16)
         refined = nk.pamr(image, mask, backend="torch")
         assert refined.shape == (32, 171, 2048, 2048) and refined.dtype == torch.bfloat16
+        feats = torch.empty(64, 4096, 768, dtype=torch.float16)
+        out = nk.proxy_attention(feats, torch.empty(64, 12, 4096, 64, dtype=torch.float16), backend="torch")
+        assert out.shape == (64, 12, 4096, 64) and out.dtype == torch.float16
 
 
 def test_meta_tensors_use_the_fake_kernels():

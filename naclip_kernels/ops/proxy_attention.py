@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from naclip_kernels import reference
 from naclip_kernels._alloc import empty_output
 from naclip_kernels._backend import resolve_backend
+from naclip_kernels._library import define_op
 from naclip_kernels._triton_compat import interpreter_enabled, tl, triton
 from naclip_kernels._validation import check_proxy_attention_args
 from naclip_kernels.ops.neighbour_attention import _dot
@@ -328,8 +329,9 @@ def _proxy_attention_triton(feats, v, beta, gamma, *, config=None, autotune=None
 # ==============================================================================================================
 # Per image, per block of query rows [m0, m1) (all in float32, float64 for float64 inputs):
 #   buf = (gamma xh_blk) @ xh^T                  one matmul into a preallocated [block, M] slab: gamma * S
-#   threshold_(buf, <gamma * beta * mu, -inf)    the mask, in place (the diagonal is saved first and restored)
-#   exp_(buf)                                    in place: the unnormalised weights, masked entries exp(-inf) = 0
+#   exp_(buf)                                    in place: the unnormalised weights of every entry
+#   threshold_(buf, <exp(gamma beta mu), 0)      the mask, in place, on the weights (exp is monotonic); the
+#                                                diagonal is saved first and restored (never masked)
 #   res = buf @ [V | 1]                          ONE matmul for all heads: v as [M, H*D] plus a ones column, so the
 #                                                row sums l come out of the same product (no extra pass over buf)
 #   out[:, :, m0:m1] = res[:, :HD] / l           the normalisation fused into the copy to [H, block, D]
@@ -338,6 +340,8 @@ def _proxy_attention_triton(feats, v, beta, gamma, *, config=None, autotune=None
 # (exp(gamma * S) is the softmax numerator up to the row-constant factor exp(-gamma * beta * mu), which the
 # normalisation cancels). Larger gamma subtract gamma first (one more pass over buf). Rows whose sum still
 # under/overflows (only possible with a huge gamma and a zero feature vector) are redone with the literal maths.
+# Masking AFTER the exp, on finite arguments, matters on CPU: the vectorised exp takes a slow path on -inf
+# (measured 4x slower per element than on finite values), so "mask to -inf, then exp" costs more than the mask.
 # Slabs hold about this many elements: 2 MiB in float32 stays in the L2/L3 cache between the five passes, and
 # 256+ rows keep both matmuls efficient. Extra memory is O(block * M + M * (C + H*D)).
 _SLAB_ELEMENTS = 1 << 19
@@ -352,12 +356,16 @@ def _block_rows(n_tokens: int, device: torch.device) -> int:
     return -(-n_tokens // num_blocks)  # equal blocks: no tiny tail block (a whole extra pass over xh and V)
 
 
-def _keep_threshold(mu: float, beta: float, gamma: float, dtype: torch.dtype) -> float:
-    """``t`` such that ``gamma*S > t`` iff ``S >= beta*mu`` as the reference decides it (``A >= 0`` kept).
+def _keep_threshold(mu: float, beta: float, gamma: float, shift: float, dtype: torch.dtype) -> float:
+    """``t`` such that ``exp(gamma*S - shift) > t`` iff ``S >= beta*mu`` (``A >= 0`` kept), up to rounding.
 
-    ``F.threshold`` keeps ``x > t`` (strictly), so ``t`` is the float just below ``gamma * beta * mu`` in the
-    compute dtype: ``x > t`` is then ``x >= gamma * beta * mu``, which keeps ``A = 0`` exactly."""
+    ``F.threshold`` keeps ``x > t`` (strictly), so ``t`` is the float just below ``exp(gamma*beta*mu - shift)``
+    in the compute dtype: ``x > t`` is then ``x >= exp(...)``, which keeps ``A = 0`` exactly when ``S`` equals
+    ``beta * mu`` (the weight is computed by the same exp from the same argument)."""
     edge = torch.tensor(gamma * (beta * mu), dtype=dtype)
+    if shift:
+        edge = edge - shift
+    edge = edge.exp()
     return float(torch.nextafter(edge, torch.tensor(float("-inf"), dtype=dtype)))
 
 
@@ -386,12 +394,12 @@ def _proxy_attention_torch(feats: torch.Tensor, v: torch.Tensor, beta: float, ga
     res = torch.empty(block, hd + 1, dtype=compute, device=v.device)
     v_aug = torch.empty(n_tokens, hd + 1, dtype=compute, device=v.device)
     v_aug[:, hd] = 1.0
-    shift = gamma > _EXP_SAFE_GAMMA[compute]
+    shift = gamma if gamma > _EXP_SAFE_GAMMA[compute] else 0.0
     for b in range(batch):
         xh = _normalised(feats[b], compute)                                      # [M, C]
         xq = xh * gamma                                                          # the query side carries gamma
         mu = float(_similarity_mean(xh[None])[0])
-        cut = _keep_threshold(mu, beta, gamma, compute)
+        cut = _keep_threshold(mu, beta, gamma, shift, compute)
         # [H, M, D] -> [M, H, D] -> [M, H*D]: a strided copy (and the dtype conversion) into the augmented buffer.
         v_aug[:, :hd].view(n_tokens, heads, head_dim).copy_(v[b].transpose(0, 1))
         xh_t = xh.T
@@ -400,13 +408,13 @@ def _proxy_attention_torch(feats: torch.Tensor, v: torch.Tensor, beta: float, ga
             rows = m1 - m0
             slab = buf[:rows]
             torch.mm(xq[m0:m1], xh_t, out=slab)                                   # gamma * S[m0:m1]
+            if shift:
+                slab.sub_(shift)
+            slab.exp_()
             diagonal = slab[:, m0:m1].diagonal()
             saved = diagonal.clone()
-            F.threshold_(slab, cut, float("-inf"))
+            F.threshold_(slab, cut, 0.0)
             diagonal.copy_(saved)                                                 # never masked
-            if shift:
-                slab.sub_(gamma)
-            slab.exp_()
             acc = res[:rows]
             torch.mm(slab, v_aug, out=acc)
             sums = acc[:, hd]
@@ -458,12 +466,37 @@ def proxy_attention(feats: torch.Tensor, v: torch.Tensor, beta: float = 1.2, gam
     beta, gamma = check_proxy_attention_args(feats, v, beta, gamma)
     chosen = resolve_backend(backend, v.device, "proxy_attention")
     if chosen == "reference":
+        # Plain Python on purpose, like the other ops' references: the oracle the registered op is tested against.
         return reference.proxy_attention(feats, v, beta, gamma)
+    return _proxy_attention_op(feats, v, beta, gamma, chosen)
+
+
+# ==============================================================================================================
+# torch.library registration: naclip_kernels::proxy_attention (see naclip_kernels/_library.py)
+# ==============================================================================================================
+def _proxy_attention_impl(feats, v, beta, gamma, backend):
+    """The op's kernel for every device; ``backend`` is the resolved ``"triton"`` or ``"torch"``."""
     if v.numel() == 0:
-        return torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if chosen == "triton":
+        return v.new_empty(v.shape)
+    if backend == "triton":
         return _proxy_attention_triton(feats, v, beta, gamma)
     return _proxy_attention_torch(feats, v, beta, gamma)
+
+
+def _proxy_attention_fake(feats, v, beta, gamma, backend):
+    return v.new_empty(v.shape)
+
+
+def _proxy_attention_differentiable(feats, v, beta, gamma, backend):
+    """The backward's recompute: the eager maths of :func:`naclip_kernels.reference.proxy_attention` (the torch
+    path works in place on its weight slab). It holds ``[B, M, M]`` scores for the backward, which is what
+    autograd needs anyway; the mask ``A < 0`` is a step, so its gradient is zero almost everywhere."""
+    return reference.proxy_attention(feats, v, beta, gamma)
+
+
+_proxy_attention_op = define_op("proxy_attention", "(Tensor feats, Tensor v, float beta, float gamma, str backend) -> "
+                                "Tensor", _proxy_attention_impl, _proxy_attention_fake, _proxy_attention_differentiable,
+                                tensor_args=(0, 1))
 
 
 # ==============================================================================================================
