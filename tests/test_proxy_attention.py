@@ -165,7 +165,7 @@ def test_torch_path_many_blocks(rng, monkeypatch):
     assert_close_to_reference(out, float64_reference(feats, v), "proxy_attention", "torch", torch.float32)
 
 
-@pytest.mark.parametrize("n_tokens,rows", [(32, 32), (100, 100), (1000, 500), (4096, 128)])
+@pytest.mark.parametrize("n_tokens,rows", [(32, 32), (100, 100), (1000, 1000), (1764, 588), (4096, 256)])
 def test_block_rows_are_equal_and_cover(n_tokens, rows):
     got = proxy_op._block_rows(n_tokens, torch.device("cpu"))
     assert got == rows

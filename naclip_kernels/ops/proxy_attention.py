@@ -342,9 +342,10 @@ def _proxy_attention_triton(feats, v, beta, gamma, *, config=None, autotune=None
 # under/overflows (only possible with a huge gamma and a zero feature vector) are redone with the literal maths.
 # Masking AFTER the exp, on finite arguments, matters on CPU: the vectorised exp takes a slow path on -inf
 # (measured 4x slower per element than on finite values), so "mask to -inf, then exp" costs more than the mask.
-# Slabs hold about this many elements: 2 MiB in float32 stays in the L2/L3 cache between the five passes, and
-# 256+ rows keep both matmuls efficient. Extra memory is O(block * M + M * (C + H*D)).
-_SLAB_ELEMENTS = 1 << 19
+# Slabs hold about this many elements: 4 MiB in float32 stays in the L3 cache between the passes, and 256+ rows
+# keep both matmuls efficient and the number of ops (each a parallel region) small. Extra memory is
+# O(block * M + M * (C + H*D)).
+_SLAB_ELEMENTS = 1 << 20
 _SLAB_ELEMENTS_CUDA = 1 << 26
 _EXP_SAFE_GAMMA = {torch.float32: 80.0, torch.float64: 700.0}
 
@@ -394,6 +395,7 @@ def _proxy_attention_torch(feats: torch.Tensor, v: torch.Tensor, beta: float, ga
     res = torch.empty(block, hd + 1, dtype=compute, device=v.device)
     v_aug = torch.empty(n_tokens, hd + 1, dtype=compute, device=v.device)
     v_aug[:, hd] = 1.0
+    row_sums = torch.empty(n_tokens, dtype=compute, device=v.device)
     shift = gamma if gamma > _EXP_SAFE_GAMMA[compute] else 0.0
     for b in range(batch):
         xh = _normalised(feats[b], compute)                                      # [M, C]
@@ -418,16 +420,18 @@ def _proxy_attention_torch(feats: torch.Tensor, v: torch.Tensor, beta: float, ga
             acc = res[:rows]
             torch.mm(slab, v_aug, out=acc)
             sums = acc[:, hd]
-            bad = ~(torch.isfinite(sums) & (sums > 0))
-            if bool(bad.any()):
-                idx = bad.nonzero().flatten()
-                acc[idx, :hd] = _literal_rows(xh, xh[m0 + idx], m0 + idx, mu, beta, gamma, v_aug, heads, head_dim)
-                sums[idx] = 1.0
+            row_sums[m0:m1] = sums
             scaled = acc[:, :hd].view(rows, heads, head_dim).transpose(0, 1)      # [H, rows, D] view
             if v.dtype == compute:
                 torch.div(scaled, sums[None, :, None], out=out[b, :, m0:m1])
             else:  # division in the compute dtype, one rounding to v's dtype
                 out[b, :, m0:m1].copy_(scaled / sums[None, :, None])
+        # One check per image (not per block: every op is a parallel region, costly on a busy machine).
+        bad = ~(torch.isfinite(row_sums) & (row_sums > 0))
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten()
+            fixed = _literal_rows(xh, xh[idx], idx, mu, beta, gamma, v_aug, heads, head_dim)
+            out[b, :, idx] = fixed.view(-1, heads, head_dim).transpose(0, 1).to(v.dtype)
     return out
 
 
