@@ -5,18 +5,22 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
-# Ranges are pinned to what the suite is run against: torch 2.15 / triton 3.9 / open_clip 3.3 were the
-# versions tested; the lower bounds are the oldest releases whose APIs the code uses (torch.nn.attention.flex_attention,
-# triton.knobs, open_clip's get_tokenizer/create_model signatures).
-TORCH = "torch>=2.5,<2.16"
-TRITON = "triton>=3.2,<3.10; platform_system == 'Linux' and platform_machine == 'x86_64'"
+# Every range admits exactly the minor releases the suite was run on (naclip_kernels/_versions.py, also read by the
+# tests): a fresh clone installs nothing that was not tested. The package itself is not importable yet here.
+_VERSIONS: dict = {}
+exec((HERE / "naclip_kernels" / "_versions.py").read_text(encoding="utf-8"), _VERSIONS)
+_range = _VERSIONS["minor_range"]
+
+TORCH = "torch" + _range("torch")
+TRITON = "triton" + _range("triton") + "; platform_system == 'Linux' and platform_machine == 'x86_64'"
 
 extras = {
     "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "selenium>=4.20,<5"],
     "bench": ["pytest-benchmark>=4,<6", "matplotlib>=3.7,<4", "psutil>=5.9,<8"],
     "segmenter": [
-        "open_clip_torch>=2.24,<3.4",
-        "torchvision>=0.20,<0.30",
+        "open_clip_torch" + _range("open_clip_torch"),
+        "timm" + _range("timm"),
+        "torchvision" + _range("torchvision"),
         "pillow>=10,<14",
         "tqdm>=4.60,<5",
         "flask>=3.0,<4",

@@ -14,7 +14,15 @@ config would run with local-memory traffic on a real GPU and must not be in an a
 Usage::
 
     python -m naclip_kernels.aot [--json PATH] [--defaults-only [--full-head-dims 64]] [--head-dims 64,128]
-                                 [--ops neighbour_attention] [--targets 80,90] [--jobs N]
+                                 [--ops neighbour_attention] [--targets 80,90] [--jobs N] [--update REPORT]
+
+    # the committed reports, one per Triton release setup.py admits (run once under each release):
+    python -m naclip_kernels.aot --update bench/results/aot/triton-$(python -c "import triton; print(triton.__version__)").json
+
+The JSON report records the toolchain it was made with (Triton, its ptxas, torch) and, per row, a hash of the
+kernel module's ``@triton.jit`` sources, so a stale report is detectable (``tests/test_aot.py`` checks that each
+committed report covers every current config with the current kernel source). ``--update`` recompiles only the
+rows that are missing or stale.
 
     from naclip_kernels.aot import run_aot, format_table
     rows = run_aot()               # list of dicts; works from a process running under TRITON_INTERPRET=1 too
@@ -30,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import importlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -48,7 +58,7 @@ OP_MODULES = ("naclip_kernels.ops.neighbour_attention", "naclip_kernels.ops.pamr
 DEFAULT_TARGETS = (80, 90)
 
 __all__ = ["OP_MODULES", "collect_configs", "compile_config", "run_aot", "format_table", "ptxas_available",
-           "cuobjdump_path", "main"]
+           "cuobjdump_path", "kernel_source_hash", "report_document", "toolchain_versions", "update_report", "main"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,6 +134,30 @@ def _config_label(cfg: KernelConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Kernel source identity
+# --------------------------------------------------------------------------------------------------------------
+def _is_triton_function(obj: Any) -> bool:
+    return type(obj).__name__ in ("JITFunction", "InterpretedFunction") and callable(getattr(obj, "fn", None))
+
+
+def kernel_source_hash(kernel: Any) -> str:
+    """SHA-256 (16 hex digits) of the source of every ``@triton.jit`` function in the kernel's module.
+
+    Registers and spills depend on the kernel and on the jitted helpers it calls, so any edit to one of them makes
+    a committed report stale. Computed from the Python source text, so it is the same under the interpreter and
+    for every Triton release (which is what lets the test suite check a report made with another Triton).
+    """
+    fn = getattr(kernel, "fn", kernel)
+    module = sys.modules[fn.__module__]
+    parts = []
+    for name in sorted(vars(module)):
+        obj = vars(module)[name]
+        if _is_triton_function(obj) and obj.fn.__module__ == module.__name__:
+            parts.append(f"{name}\n{inspect.getsource(obj.fn)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Compile one config
 # --------------------------------------------------------------------------------------------------------------
 _USAGE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -145,6 +179,7 @@ def compile_config(cfg: KernelConfig, arch: int) -> Dict[str, Any]:
         "target": f"sm_{arch}", "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "default": cfg.default,
         "tags": {k: v for k, v in cfg.tags.items() if isinstance(v, (int, float, str, bool))},
         "registers": None, "spill_bytes": None, "shared_bytes": None, "ok": False, "error": None,
+        "source_hash": kernel_source_hash(cfg.kernel),
     }
     try:
         import triton
@@ -199,9 +234,14 @@ def _worker_compile(index_arch):
     return compile_config(_WORKER_CONFIGS[index], arch)
 
 
-def _run_in_process(ops, defaults_only, head_dims, full_head_dims, targets, jobs) -> List[Dict[str, Any]]:
+def _run_in_process(ops, defaults_only, head_dims, full_head_dims, targets, jobs,
+                    only: Optional[Sequence[Tuple[str, str, int]]] = None) -> List[Dict[str, Any]]:
+    """Compile the selection here; ``only``: restrict to these (op, config name, arch) triples."""
     configs = collect_configs(ops, defaults_only, head_dims, full_head_dims)
     work = [(i, arch) for i in range(len(configs)) for arch in targets]
+    if only is not None:
+        keep = set(only)
+        work = [(i, arch) for i, arch in work if (configs[i].op, configs[i].name, arch) in keep]
     if jobs <= 1 or len(work) <= 1:
         return [compile_config(configs[i], arch) for i, arch in work]
     ctx = multiprocessing.get_context("fork")  # compile-only workers: no CUDA context to break by forking
@@ -273,6 +313,83 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def toolchain_versions() -> Dict[str, Optional[str]]:
+    """The versions a report depends on: Triton (its compiler and bundled ptxas decide registers and spills)."""
+    versions: Dict[str, Optional[str]] = {"triton": None, "ptxas": None, "torch": None}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        return versions
+    ptxas = os.environ.get("TRITON_PTXAS_PATH") or _nvidia_bin("ptxas")
+    if ptxas:
+        try:
+            out = subprocess.run([ptxas, "--version"], capture_output=True, text=True, timeout=60).stdout
+            match = re.search(r"release ([0-9.]+)", out)
+            versions["ptxas"] = match.group(1) if match else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def report_document(rows: Sequence[Dict[str, Any]], targets: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """The JSON report: the toolchain it was made with, the targets, a summary and the rows."""
+    return {
+        "toolchain": toolchain_versions(),
+        "targets": [f"sm_{t}" for t in (targets or DEFAULT_TARGETS)],
+        "summary": {"compiles": len(rows), "ok": sum(bool(r["ok"]) for r in rows),
+                    "with_spills": sum(1 for r in rows if r["ok"] and r["spill_bytes"])},
+        "rows": list(rows),
+    }
+
+
+def update_report(path: str, ops: Optional[Sequence[str]] = None, defaults_only: bool = False,
+                  head_dims: Optional[Sequence[int]] = None, full_head_dims: Optional[Sequence[int]] = None,
+                  targets: Optional[Sequence[int]] = None, jobs: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Rows for the current selection, reusing the still-valid rows of the report at ``path``.
+
+    A row is reused when the report was made with the installed Triton and its (op, config, target) and kernel
+    source hash match today's; everything else is compiled (in one :func:`run_aot` call restricted to those ops).
+    Rows of configs that no longer exist are dropped.
+    """
+    targets = tuple(targets or DEFAULT_TARGETS)
+    try:
+        with open(path) as handle:
+            old = json.load(handle)
+    except FileNotFoundError:
+        old = {"toolchain": {}, "rows": []}
+    same_toolchain = old.get("toolchain", {}).get("triton") == toolchain_versions()["triton"]
+    previous = {(r["op"], r["config"], r["target"]): r for r in old.get("rows", [])} if same_toolchain else {}
+    wanted = collect_configs(ops, defaults_only, head_dims, full_head_dims)
+    rows, todo = {}, []
+    for cfg in wanted:
+        for arch in targets:
+            key = (cfg.op, cfg.name, f"sm_{arch}")
+            row = previous.get(key)
+            if row is not None and row.get("source_hash") == kernel_source_hash(cfg.kernel):
+                rows[key] = row
+            else:
+                todo.append((cfg.op, cfg.name, arch))
+    if todo:
+        if _interpreting():
+            raise RuntimeError("update_report compiles in this process: run it without TRITON_INTERPRET")
+        ok, reason = ptxas_available()
+        if not ok:
+            raise RuntimeError(f"AOT compile unavailable: {reason}")
+        jobs = jobs if jobs is not None else max(1, min(4, os.cpu_count() or 1))
+        for row in _run_in_process(ops, defaults_only, head_dims, full_head_dims, targets, jobs, only=todo):
+            rows[(row["op"], row["config"], row["target"])] = row
+    return [rows[(cfg.op, cfg.name, f"sm_{arch}")] for cfg in wanted for arch in targets
+            if (cfg.op, cfg.name, f"sm_{arch}") in rows]
+
+
 def _csv(text: Optional[str], cast=str):
     return None if text is None else [cast(x) for x in text.split(",") if x.strip()]
 
@@ -287,12 +404,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--targets", default="80,90", help="comma-separated SM versions (default 80,90)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    parser.add_argument("--update", metavar="REPORT",
+                        help="reuse the rows of this JSON report whose config, target and kernel source are unchanged "
+                             "(same Triton release only), compile the rest, and write the result back to it")
     args = parser.parse_args(argv)
-    rows = run_aot(ops=_csv(args.ops), defaults_only=args.defaults_only, head_dims=_csv(args.head_dims, int),
-                   full_head_dims=_csv(args.full_head_dims, int), targets=_csv(args.targets, int), jobs=args.jobs)
+    selection = dict(ops=_csv(args.ops), defaults_only=args.defaults_only, head_dims=_csv(args.head_dims, int),
+                     full_head_dims=_csv(args.full_head_dims, int))
+    if args.update:
+        rows = update_report(args.update, targets=_csv(args.targets, int), jobs=args.jobs, **selection)
+        args.json = args.json or args.update
+    else:
+        rows = run_aot(targets=_csv(args.targets, int), jobs=args.jobs, **selection)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"rows": rows}, handle, indent=1)
+            json.dump(report_document(rows, _csv(args.targets, int)), handle, indent=1)
     if not args.quiet:
         print(format_table(rows))
         bad = [r for r in rows if not r["ok"] or r["spill_bytes"]]

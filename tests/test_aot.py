@@ -8,12 +8,15 @@ are unavailable.
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
 import pytest
 
 from naclip_kernels import aot
 from naclip_kernels._aot_spec import KernelConfig
 from naclip_kernels._triton_compat import HAS_TRITON
+from naclip_kernels._versions import TESTED, aot_report_name, minor_range
 
 _AVAILABLE, _REASON = aot.ptxas_available() if HAS_TRITON else (False, "Triton is not installed")
 requires_ptxas = pytest.mark.skipif(not _AVAILABLE, reason=f"AOT compile unavailable: {_REASON}")
@@ -92,6 +95,43 @@ def test_parse_resource_usage_and_table():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Committed reports: one per Triton release that setup.py admits, each clean and covering today's config lists
+# ---------------------------------------------------------------------------------------------------------------
+REPORTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "aot"
+
+
+@pytest.mark.parametrize("triton_version", TESTED["triton"])
+def test_committed_report_for_each_admitted_triton_is_clean_and_current(triton_version):
+    """Every config aot_configs() lists today compiled without spills on sm_80 and sm_90 with that Triton.
+
+    A change to an autotune list or a kernel signature without re-running ``python -m naclip_kernels.aot --json
+    bench/results/aot/triton-<version>.json`` under each admitted Triton fails here (names are per config).
+    """
+    doc = json.loads((REPORTS / aot_report_name(triton_version)).read_text())
+    assert doc["toolchain"]["triton"] == triton_version
+    rows = {(r["op"], r["config"], r["target"]): r for r in doc["rows"]}
+    missing, bad = [], []
+    for cfg in aot.collect_configs():
+        for target in ("sm_80", "sm_90"):
+            row = rows.get((cfg.op, cfg.name, target))
+            if row is None:
+                missing.append(f"{cfg.op} {cfg.name} {target}")
+            elif not row["ok"] or row["spill_bytes"]:
+                bad.append(f"{cfg.op} {cfg.name} {target}: ok={row['ok']} spill={row['spill_bytes']} {row['error']}")
+    assert not missing, f"not in the triton {triton_version} report:\n" + "\n".join(missing)
+    assert not bad, "\n".join(bad)
+
+
+def test_admitted_triton_range_is_the_tested_one():
+    """setup.py's ranges come from _versions.TESTED, and the installed Triton is one of the tested releases."""
+    import triton
+
+    assert minor_range("triton") == ">=3.8,<3.10"  # update TESTED and the committed reports together
+    tested_minors = {tuple(v.split(".")[:2]) for v in TESTED["triton"]}
+    assert tuple(triton.__version__.split(".")[:2]) in tested_minors, triton.__version__
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Proxy attention: every config aot_configs() lists (all autotune entries x CHUNKS, all dtypes), both targets
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -143,3 +183,14 @@ def test_proxy_configs_cover_every_launchable_specialisation():
             for base in proxy_op._tune_configs(nbytes):
                 bm, bn, bc, bh, chunks, nw, ns = proxy_op._specialise(base, hd)
                 assert f"{dtype},M{bm},N{bn},C{bc},HD{bh}x{chunks},w{nw},s{ns}" in names, (dtype, hd, base)
+
+
+def test_report_rows_carry_the_kernel_source_hash():
+    """Reports made before a kernel edit are detected as stale: the row hash is the kernel module's jit sources."""
+    hashes = {cfg.op: aot.kernel_source_hash(cfg.kernel) for cfg in aot.collect_configs()}
+    assert len(set(hashes.values())) == len(hashes)  # one hash per kernel module
+    for triton_version in TESTED["triton"]:
+        doc = json.loads((REPORTS / aot_report_name(triton_version)).read_text())
+        stale = sorted({r["op"] for r in doc["rows"] if r.get("source_hash") != hashes.get(r["op"])})
+        assert not stale, (f"triton {triton_version} report is stale for {stale}: re-run python -m naclip_kernels.aot "
+                           f"--update bench/results/aot/{aot_report_name(triton_version)} under that Triton")

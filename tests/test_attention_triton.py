@@ -216,3 +216,42 @@ def test_autotune_pruning_keeps_default(dtype, block_d, csa, has_bias):
     default = na_mod._default_config(block_d, csa, has_bias, v.element_size())
     as_tuples = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
     assert default in as_tuples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The autotuner path a GPU user's first call takes: triton.autotune -> early prune -> heuristics -> launch.
+# Under the interpreter the launcher normally runs the default config directly; here autotune=True forces the
+# tuned kernel, and Triton's benchmarking is replaced by a stub that still runs every candidate (so each pruned
+# config executes once) and reports made-up timings that make the LAST candidate win.
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("sigma", [5.0, None], ids=["bias", "nobias"])
+def test_autotuner_launch_path_prunes_benchmarks_and_runs(rng, monkeypatch, dtype, sigma):
+    tuner = na_mod._neighbour_attention_fwd_tuned
+    candidates = []
+
+    def fake_do_bench(kernel_call, quantiles=None, **kwargs):
+        kernel_call()  # the candidate really runs (interpreted), as Triton's benchmarker would run it
+        candidates.append(kernel_call)
+        rank = len(candidates)
+        return [1.0 / rank, 1.0 / rank, 1.0 / rank]
+
+    # do_bench is a cached_property that asks for an active GPU driver: shadow it in the instance dict instead.
+    monkeypatch.setitem(tuner.__dict__, "do_bench", fake_do_bench)
+    monkeypatch.setattr(tuner, "cache_results", False, raising=False)  # no disk cache between test runs
+    monkeypatch.setattr(tuner, "cache", {})
+    q, k, v = _inputs(rng, 1, 2, 1 + 4 * 5, 32, dtype)
+    with poison_outputs():
+        out = na_mod._neighbour_attention_triton(q, k, v, 4, 5, sigma, 1, "kk", 32 ** -0.5, autotune=True)
+    assert_close_to_reference(out, _expected(q, k, v, (4, 5), sigma, 1, "kk"), "attention", "triton", dtype)
+
+    allowed = na_mod._tune_configs(32, False, sigma is not None, v.element_size())
+    assert len(tuner.cache) == 1
+    best = next(iter(tuner.cache.values()))
+    chosen = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages)
+    if len(allowed) > 1:
+        # Every spill-free candidate of this specialisation was benchmarked, and the stub's fastest one was kept.
+        assert len(candidates) == len(allowed)
+        assert chosen == allowed[-1]
+    else:
+        assert candidates == [] and chosen == allowed[0]  # a single candidate is taken without benchmarking

@@ -223,7 +223,8 @@ def _neighbour_attention_fwd_kernel(
 # Autotuning space, (BLOCK_M, BLOCK_N, num_warps, num_stages) per specialisation class; the first entry of each list
 # is the default (no autotuning: the interpreter, or an explicit config). These lists are what is left of a wider
 # space after removing every config that spills registers (cuobjdump STACK > 0) on sm_80 or sm_90 for any head dim
-# of its class in the AOT check (``python -m naclip_kernels.aot``, Triton 3.9; the kernel's live state is acc
+# of its class in the AOT check (``python -m naclip_kernels.aot``, with each Triton release setup.py admits: 3.8 and
+# 3.9, see naclip_kernels/_versions.py and bench/results/aot/; the kernel's live state is acc
 # [M, D] + the score tile [M, N] + the bias column factor [M, N], doubled acc/scores for csa). Removed (spills):
 #   half, D<=64, pair: (128,64,4,2) 24-208 B with bias; (64,64,4,2) 8 B at BLOCK_W=64; (128,32,4,2) 8 B with
 #     bias at BLOCK_W=32.
@@ -234,7 +235,9 @@ def _neighbour_attention_fwd_kernel(
 #   half, D=80/128, csa: (64,32,4,2) 8-224 B; (64,64,8,2) 8-256 B; BLOCK_M=128 up to 13 KB.
 #   fp32 (FMA dots, operands in registers): every BLOCK_M >= 64 config with 4 warps (1-13 KB); (32,32,4,2) 8 B
 #   (D=32) and 32-80 B (csa); (32,32,8,2) pair 8-32 B; (16,32,4,2) 8 B at D=80 without bias and 24-88 B for csa
-#   at D=128; (16,16,4,2) 16 B at D=80 with bias. (ptxas spills a few bytes even at ~96-128 registers in some.)
+#   at D=128; (16,16,4,2) 16 B at D=80 with bias, and (Triton 3.8 only) 8 B at D=80 for csa without bias on
+#   sm_80, so that class runs (16,16,8,2): 101-104 registers, 0 B on both Triton releases. (16,16,4,1) 512-560 B;
+#   (16,32,8,2) 8 B on sm_80. (ptxas spills a few bytes even at ~96-128 registers in some.)
 _HALF_TUNE = {
     # (BLOCK_D <= 64, csa, has_bias) -> configs
     (True, False, False): ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2)),
@@ -255,7 +258,7 @@ _FP32_TUNE = {
     (False, False, True): ((16, 32, 4, 2),),
     (True, True, False): ((32, 32, 8, 2),),
     (True, True, True): ((32, 32, 8, 2),),
-    (False, True, False): ((16, 16, 4, 2),),
+    (False, True, False): ((16, 16, 8, 2),),
     (False, True, True): ((16, 16, 4, 2),),
 }
 _WIDE_TUNE = ((32, 32, 4, 2),)  # BLOCK_D = 256 (head dims 129..256): not in the AOT list, one conservative config
