@@ -600,7 +600,7 @@ def _cmd_segment(args, factory) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
     preset_name, class_lines, legend_names = _class_setup(args)
-    if len(legend_names) == 1:
+    if len(legend_names) == 1 and args.world.is_main:
         # Scores are a softmax over the listed classes: with one class, every pixel gets it.
         print(f"{PROG}: warning: only one class ({legend_names[0]!r}), so every pixel gets it; list the other "
               f"things in the images too, e.g. --classes '{legend_names[0]}, background'", file=sys.stderr)
@@ -618,12 +618,12 @@ def _cmd_segment(args, factory) -> int:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise UserError(f"output folder '{out_dir}' is not writable")
 
-    start = announce_loading(args, args.quiet)
+    start = announce_loading(args, args.quiet or not world.is_main)     # once per job, not once per rank
     kwargs = _segmenter_kwargs(args)
     if class_lines is not None:
         kwargs["classes"] = list(class_lines)
     segmenter = _build_segmenter(factory, preset_name, kwargs)
-    announce_loaded(start, kwargs, args.quiet)
+    announce_loaded(start, kwargs, args.quiet or not world.is_main)
 
     failed = len(input_errors) if world.is_main else 0
     done = 0
@@ -697,10 +697,11 @@ def _cmd_eval(args, factory) -> int:
         if not json_parent.is_dir():
             raise UserError(f"--json: folder '{json_parent}' does not exist")
 
-    start = announce_loading(args, args.quiet)
+    quiet_here = args.quiet or not args.world.is_main                  # once per job, not once per rank
+    start = announce_loading(args, quiet_here)
     kwargs = _segmenter_kwargs(args)
     segmenter = _build_segmenter(factory, preset.name, kwargs)
-    announce_loaded(start, kwargs, args.quiet)
+    announce_loaded(start, kwargs, quiet_here)
 
     cm = ConfusionMatrix(preset.num_classes, ignore_index=preset.ignore_index)
     failed, done = 0, 0

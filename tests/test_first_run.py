@@ -559,3 +559,26 @@ def test_data_root_one_folder_too_high_gets_a_hint(tmp_path, capsys):
     assert main(["eval", "--preset", "voc21", "--data-root", str(tmp_path / "VOCdevkit" / "VOC2010")],
                 segmenter_factory=f) == 2
     assert "did you mean" not in capsys.readouterr().err               # no guess when there is nothing to find
+
+
+def test_under_torchrun_only_rank_0_says_what_loads(tmp_path, capsys, monkeypatch):
+    import contextlib
+
+    from naclip.distributed import Distributed
+
+    class SecondRank(Distributed):
+        def gather(self, obj):           # no process group in this test: this rank's share only
+            return [obj]
+
+    @contextlib.contextmanager
+    def second_rank(args):
+        args.world = SecondRank(rank=1, world_size=2, device="cpu")
+        yield args.world
+
+    monkeypatch.setattr(cli, "_world", second_rank)
+    images = [str(_image(tmp_path / f"{i}.png")) for i in range(2)]
+    assert main(["segment", *images, "--classes", "cat", "--out", str(tmp_path / "o"), "--device", "cpu"],
+                segmenter_factory=Factory()) == 0
+    err = capsys.readouterr().err
+    assert STATUS_LOADING not in err and STATUS_READY not in err and "only one class" not in err, err
+    assert (tmp_path / "o" / "1_labels.png").exists()                  # the rank did its share
