@@ -144,15 +144,17 @@ def test_default_padding_is_lcm_of_56_and_the_patch_sizes():
     assert proxy_segmenter("sam_vitb", method_options={}).head.pad_multiple == (112, 112)   # SAM is resized
 
 
-def test_bad_inputs():
-    seg = proxy_segmenter()
-    with pytest.raises(TypeError, match="image"):
-        seg(42)
-    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
-        seg(torch.rand(1, 3, 32, 32))
+def test_bad_vfms_are_refused_before_the_model_is_used():
+    import timm
     from naclip.model import ModelLoadError
+    kwargs = dict(classes=CLASSES, method="proxyclip", cache_dir=False)
     with pytest.raises(ModelLoadError, match="unknown VFM 'dino_vitb7'.*dino_vitb8"):
-        Segmenter(tiny_clip(), None, classes=CLASSES, method="proxyclip", vfm="dino_vitb7", cache_dir=False)
+        Segmenter(tiny_clip(), None, vfm="dino_vitb7", **kwargs)
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        Segmenter(tiny_clip(), None, vfm=torch.nn.Linear(3, 3), **kwargs)
+    fixed_size = timm.create_model("vit_base_patch8_224", pretrained=False, depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError, match="dynamic_img_size=True"):
+        Segmenter(tiny_clip(), None, vfm=fixed_size, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ e2e on a real photo
