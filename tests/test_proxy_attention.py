@@ -154,23 +154,22 @@ def test_torch_path_dtypes_and_layouts(rng, dtype, layout):
     assert_close_to_reference(out, float64_reference(feats, v), "proxy_attention", "torch", dtype)
 
 
-def test_torch_path_many_blocks(rng, monkeypatch):
-    """Slabs of 96 elements: 3-row query blocks over M = 32 (an uneven split), per-image thresholds."""
-    monkeypatch.setattr(proxy_op, "_SLAB_ELEMENTS", 96)
-    assert proxy_op._block_rows(32, torch.device("cpu")) == 16  # at least 16 rows
-    monkeypatch.setattr(proxy_op, "_block_rows", lambda n, device: 3)
+@pytest.mark.parametrize("tile", [3, 5, 16], ids=["T3", "T5", "T16"])
+def test_torch_path_many_tiles(rng, monkeypatch, tile):
+    """Tiles of 3, 5 and 16 rows over M = 32 (ragged last tiles, mirrored off-diagonal tiles), 3 images."""
+    monkeypatch.setattr(proxy_op, "_tile_rows", lambda n, device: tile)
     feats, v = proxy_inputs(rng, 3, 2, 32, 16, 8, torch.float32, regions=3)
     with poison_outputs():
         out = nk.proxy_attention(feats, v, backend="torch")
     assert_close_to_reference(out, float64_reference(feats, v), "proxy_attention", "torch", torch.float32)
 
 
-@pytest.mark.parametrize("n_tokens,rows", [(32, 32), (100, 100), (1000, 1000), (1764, 588), (4096, 256)])
-def test_block_rows_are_equal_and_cover(n_tokens, rows):
-    got = proxy_op._block_rows(n_tokens, torch.device("cpu"))
+@pytest.mark.parametrize("n_tokens,rows", [(32, 32), (100, 100), (1000, 500), (1764, 588), (4096, 683)])
+def test_tile_rows_are_equal_and_cover(n_tokens, rows):
+    got = proxy_op._tile_rows(n_tokens, torch.device("cpu"))
     assert got == rows
-    blocks = -(-n_tokens // got)
-    assert blocks * got - n_tokens < blocks  # equal blocks: the last one is short by less than one row per block
+    tiles = -(-n_tokens // got)
+    assert tiles * got - n_tokens < tiles  # equal tiles: the last one is short by less than one row per tile
 
 
 def test_zero_feature_vectors_and_huge_gamma(rng):
@@ -206,7 +205,7 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_torch_path_never_forms_m_by_m(rng, monkeypatch):
-    monkeypatch.setattr(proxy_op, "_SLAB_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(proxy_op, "_TILE_ELEMENTS", 1 << 14)
     n_tokens = 900
     feats, v = proxy_inputs(rng, 1, 2, n_tokens, 8, 4, torch.float32, margin=0.0)
     probe = _LargestAllocation()
