@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from naclip.model import ModelLoadError, _cached_weights_file, _network_reachable
+from naclip.model import ModelLoadError, _cached_weights_file, _network_reachable, _option
 
 __all__ = ["VFM_NAMES", "DEFAULT_VFM", "IMAGENET_MEAN", "IMAGENET_STD", "VFM", "load_vfm", "resolve_vfm_name",
            "clip_to_vfm_input"]
@@ -182,17 +182,20 @@ class VFM(nn.Module):
 # Loading
 # --------------------------------------------------------------------------------------------------------------
 def _offline_message(full: str, reason: str, cli: bool) -> str:
-    local = "--vfm-pretrained /path/to/model.safetensors" if cli else "vfm_pretrained='/path/to/model.safetensors'"
-    random = "--vfm-pretrained none" if cli else "vfm_pretrained=None"
-    return (f"could not get the VFM weights {full!r}: {reason}. Download them on a machine with network access "
-            f"(timm.create_model({full!r}, pretrained=True) caches them under ~/.cache/huggingface), copy the file "
-            f"here and pass its path instead: {local} (a timm or original-layout state dict, .safetensors/.pth, "
-            f"loaded with weights_only=True); {random} runs with random weights (tests only)")
+    """:func:`naclip.model.load_clip`'s offline message for a timm VFM; ``cli=True`` spells the hints as options."""
+    fetch = f"timm.create_model({full!r}, pretrained=True)"
+    if cli:
+        fetch = f'python -c "import timm; {fetch}"'
+    return (f"load_vfm: could not get the VFM weights {full!r}: {reason}. Download them on a machine with network "
+            f"access ({fetch} caches them under ~/.cache/huggingface), copy the file here and pass its path "
+            f"instead: {_option('vfm_pretrained', '/path/to/model.safetensors', cli)} (a timm or original-layout "
+            f"state dict, .safetensors/.pth, loaded with weights_only=True); {_option('vfm_pretrained', 'none' if cli else None, cli)}"
+            f" runs with random weights (tests only)")
 
 
 def _offline_error(full: str, reason: str) -> ModelLoadError:
-    return ModelLoadError("load_vfm: " + _offline_message(full, reason, cli=False),
-                          _offline_message(full, reason, cli=True))
+    return ModelLoadError(_offline_message(full, reason, cli=False),
+                          cli_message=_offline_message(full, reason, cli=True))
 
 
 def _cached_tag_file(pcfg: Any) -> Optional[str]:
