@@ -135,15 +135,55 @@ def run(args) -> Dict[str, Any]:
     doc = driver.finish(["image", "classes", "dtype"], "reference", compute_peak="fp32_tflops",
                        sort_key=lambda r: (r.get("dtype", ""), r.get("height", 0) * r.get("width", 0),
                                            r.get("classes", 0), rank.get(r.get("provider"), 99)))
+    add_floors(doc)
+    driver.save()
     write_outputs(doc, driver.path, plot=not args.no_plot)
     return doc
+
+
+def add_floors(doc: Dict[str, Any]) -> None:
+    """Per ok row: the time floor of this machine and how far the row is above it.
+
+    ``floor_fma_s`` = the propagation's multiply-adds (:func:`pamr_flops`) at the measured matmul rate (the
+    machine's fused multiply-add throughput), ``floor_copy_s`` = the compulsory traffic (:func:`pamr_bytes`) at the
+    measured copy bandwidth, ``floor_s`` = the larger, ``x_floor`` = median / floor.
+    """
+    rates = doc.get("reference_rates", {})
+    matmul, copy = rates.get("matmul", {}).get("gflops"), rates.get("copy", {}).get("gbps")
+    for r in doc["rows"]:
+        if r.get("status") != "ok" or not matmul or not copy:
+            continue
+        r["floor_fma_s"] = r["flops"] / (matmul * 1e9)
+        r["floor_copy_s"] = r["bytes"] / (copy * 1e9)
+        r["floor_s"] = max(r["floor_fma_s"], r["floor_copy_s"])
+        r["x_floor"] = r["median_s"] / r["floor_s"]
+
+
+def floors_markdown(doc: Dict[str, Any]) -> str:
+    """Our providers' rows against the machine's floors (see :func:`add_floors`)."""
+    rows = [r for r in doc["rows"] if r.get("floor_s") and r.get("provider") != "reference"]
+    if not rows:
+        return ""
+    rates = doc["reference_rates"]
+    lines = [f"Floors: multiply-adds at the measured {rates['matmul']['gflops']:.0f} GFLOP/s matmul rate, compulsory "
+             f"traffic at the measured {rates['copy']['gbps']:.1f} GB/s copy bandwidth; the larger is the floor.", "",
+             "| image | queries | dtype | provider | median | FMA floor | traffic floor | x floor | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = "-" if r.get("speedup") is None else f"{r['speedup']:.0f}x"
+        lines.append(f"| {r['image']} | {r['classes']} | {r['dtype']} | {r['provider']} | "
+                     f"{tables.fmt_time(r['median_s'])} | {tables.fmt_time(r['floor_fma_s'])} | "
+                     f"{tables.fmt_time(r['floor_copy_s'])} | {r['x_floor']:.1f}x | {speedup} |")
+    return "\n".join(lines)
 
 
 SIZE_COLS = [("image", lambda r: r["image"]), ("queries", lambda r: r["classes"]), ("dtype", lambda r: r["dtype"])]
 
 
 def markdown(doc) -> str:
-    return tables.header_markdown(doc) + "\n\n" + tables.markdown_table(doc, SIZE_COLS, rate="gbps")
+    floors = floors_markdown(doc)
+    return (tables.header_markdown(doc) + "\n\n" + tables.markdown_table(doc, SIZE_COLS, rate="gbps")
+            + ("\n\n" + floors if floors else ""))
 
 
 def write_outputs(doc, path, plot: bool = True) -> None:

@@ -214,6 +214,31 @@ def test_torch_path_chunking(monkeypatch, chunk_elements, rng):
     assert_close_to_reference(out, expected, "pamr", "torch", torch.bfloat16)
 
 
+@pytest.mark.parametrize("pad", [1, 3, 7], ids=["pad_1", "pad_3", "pad_past_the_image"])
+def test_torch_path_replicate_border_is_replicate_padding(pad, rng):
+    """The in-place frame fill equals F.pad(mode="replicate"), also when the frame is wider than the image."""
+    interior = torch.randn(2, 3, 4, 5, generator=rng)
+    buf = torch.full((2, 3, 4 + 2 * pad, 5 + 2 * pad), float("nan"))
+    buf[..., pad:pad + 4, pad:pad + 5] = interior
+    pamr_mod._replicate_border(buf, pad, 4, 5)
+    torch.testing.assert_close(buf, torch.nn.functional.pad(interior, (pad,) * 4, mode="replicate"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("resize", [False, True], ids=["same_size", "resized"])
+def test_torch_path_single_sweep(monkeypatch, mask_dtype, resize, rng):
+    """num_iter=1 (one padded buffer, or a scratch one for a float16 mask), ragged 2-plane chunks, with and without
+    the bilinear resize into the padded buffer."""
+    monkeypatch.setattr(pamr_mod, "_CHUNK_ELEMENTS", 2 * 42)
+    image = torch.randn(1, 3, 6, 7, generator=rng)
+    mask = torch.randn(1, 5, 3 if resize else 6, 4 if resize else 7, generator=rng).to(mask_dtype)
+    with poison_outputs():
+        out = nk.pamr(image, mask, num_iter=1, dilations=(1, 4), backend="torch")
+    expected = nk.reference.pamr(image.double(), mask.double(), 1, (1, 4))
+    assert out.dtype == mask_dtype
+    assert_close_to_reference(out, expected, "pamr", "torch", mask_dtype)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", "reference", TRITON])
 def test_empty_batch_or_channels(backend):
     image = torch.randn(0, 3, 4, 5)

@@ -128,86 +128,95 @@ def _pamr_affinity_torch(image: torch.Tensor, dilations: Sequence[int], compute:
     return logits.div_(logits.sum(dim=1, keepdim=True))
 
 
-# The propagation works on chunks of whole channel planes of about this many elements (2 MiB in float32): big
-# enough that the Python loop costs nothing, small enough that the chunk, its padded copy and the destination stay in
-# the L2/L3 cache across the 8 L multiply-adds (measured on the 2-core dev CPU, 336x448, 56 queries: 0.13 s for
-# chunks of 2..8 planes vs 0.33 s for all 56 planes at once).
+# The propagation runs every sweep of one chunk of whole channel planes before moving to the next chunk (channels
+# never mix), so the chunk and its two padded buffers stay in the L2/L3 cache for all num_iter * 8 L multiply-adds
+# and the mask crosses main memory about once, not once per sweep. A chunk is about this many elements (2 MiB in
+# float32; 3 planes at 336x448): the Python loop then costs nothing next to the arithmetic.
 _CHUNK_ELEMENTS = 1 << 19
 
 
-def _propagate_torch(src: torch.Tensor, affinity: torch.Tensor, dilations: Sequence[int],
-                     dst: torch.Tensor) -> None:
-    """One sweep ``dst_c(p) = sum_n a(p, n) src_c(p + o_n)`` with clamped neighbours; ``src`` and ``dst`` distinct.
+def _replicate_border(buf: torch.Tensor, pad: int, height: int, width: int) -> None:
+    """Fill the ``pad``-wide frame of ``buf [..., H + 2 pad, W + 2 pad]`` from its interior, in place.
 
-    ``src`` ``[B, C, H, W]`` (any dtype and strides), ``affinity`` ``[B, 8 L, H, W]`` and ``dst`` ``[B, C, H, W]``.
-    The clamped neighbour ``src(p + o_n)`` of a whole chunk is one strided slice of a replicate-padded copy of the
-    chunk (padded once by ``max(dilations)``, which clamps every smaller offset too), so a sweep costs one pad plus
-    ``8 L`` fused multiply-adds per chunk, and extra memory is one padded chunk.
+    The result is exactly ``F.pad(interior, (pad,) * 4, mode="replicate")`` (clamped coordinates, corners included)
+    for any ``pad``, also ``pad >= H`` or ``W``, at the cost of writing the frame only.
     """
-    batch, channels, height, width = src.shape
-    pad = max(dilations)
-    offsets = _offsets(dilations)
-    per_chunk = max(1, _CHUNK_ELEMENTS // (height * width))
-    compute = affinity.dtype
-    chunk_out = None
-    # Small problems (the whole batch fits one chunk) run as one chunk: 8 L + 1 ops per sweep whatever B is.
-    batch_step = batch if batch * channels <= per_chunk else 1
-    for b0 in range(0, batch, batch_step):
-        b1 = b0 + batch_step
-        weights = [affinity[b0:b1, n:n + 1] for n in range(len(offsets))]
-        for c0 in range(0, channels, per_chunk):
-            c1 = min(channels, c0 + per_chunk)
-            padded = F.pad(src[b0:b1, c0:c1].to(compute), (pad, pad, pad, pad), mode="replicate")
-            target = dst[b0:b1, c0:c1]
-            if dst.dtype != compute:
-                # Accumulate in the compute dtype and round once: a chunk-sized scratch, not a full buffer.
-                if chunk_out is None or chunk_out.shape != target.shape:
-                    chunk_out = torch.empty(target.shape, dtype=compute, device=dst.device)
-                acc = chunk_out
-            else:
-                acc = target
-            for n, (dy, dx) in enumerate(offsets):
-                neighbour = padded[:, :, pad + dy:pad + dy + height, pad + dx:pad + dx + width]
-                if n == 0:
-                    torch.mul(neighbour, weights[n], out=acc)
-                else:
-                    acc.addcmul_(neighbour, weights[n])
-            if acc is not target:
-                target.copy_(acc)
+    rows = slice(pad, pad + height)
+    buf[..., rows, :pad].copy_(buf[..., rows, pad:pad + 1].expand(*buf.shape[:-2], height, pad))
+    buf[..., rows, pad + width:].copy_(buf[..., rows, pad + width - 1:pad + width].expand(*buf.shape[:-2], height, pad))
+    buf[..., :pad, :].copy_(buf[..., pad:pad + 1, :].expand(*buf.shape[:-2], pad, buf.shape[-1]))
+    buf[..., pad + height:, :].copy_(buf[..., pad + height - 1:pad + height, :].expand(*buf.shape[:-2], pad,
+                                                                                       buf.shape[-1]))
+
+
+def _sweep_torch(padded: torch.Tensor, weights: Sequence[torch.Tensor], offsets: Sequence[Tuple[int, int]], pad: int,
+                 out: torch.Tensor) -> None:
+    """``out_c(p) = sum_n a(p, n) padded_c(pad + p + o_n)``: one multiply then ``8 L - 1`` in-place multiply-adds.
+
+    ``padded`` ``[b, k, H + 2 pad, W + 2 pad]`` (replicate frame filled), ``weights[n]`` ``[b, 1, H, W]``, ``out``
+    ``[b, k, H, W]`` in ``padded``'s dtype (any strides, distinct memory). Each neighbour is a strided view of
+    ``padded``; the rows stay contiguous, so every op streams whole rows with vector loads.
+    """
+    height, width = out.shape[-2:]
+    for n, (dy, dx) in enumerate(offsets):
+        neighbour = padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+        if n == 0:
+            torch.mul(neighbour, weights[n], out=out)
+        else:
+            out.addcmul_(neighbour, weights[n])
 
 
 def _pamr_torch(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilations: Tuple[int, ...]) -> torch.Tensor:
-    """Memory-lean PAMR in PyTorch: affinities once, then ``num_iter`` chunked sweeps between two buffers.
+    """Memory-lean PAMR in PyTorch: affinities once, then all ``num_iter`` sweeps chunk of channels by chunk.
 
-    Extra memory (besides the inputs): the ``[B, 8 L, H, W]`` affinities, the output, one more full-size buffer in
-    the compute dtype when ``num_iter >= 2`` (the resized mask doubles as it), and one padded chunk. That is about
-    2.4x the float32 mask at NACLIP's settings, against the original's 16x neighbour stack.
+    A chunk of whole channel planes is resized (when the mask is smaller than the image) straight into the interior
+    of a replicate-padded buffer; each sweep writes the interior of a second padded buffer and fills its frame
+    (:func:`_replicate_border`), the two swap, and the last sweep writes the output's planes. Extra memory (besides
+    the inputs): the output, the ``[B, 8 L, H, W]`` affinities and two padded chunks, about 1.3x the float32 mask
+    at NACLIP's settings (56 queries, 336x448), against the original's 16x neighbour stack.
     """
     compute = torch.float64 if torch.float64 in (image.dtype, mask.dtype) else torch.float32
     batch, _, height, width = image.shape
     channels = mask.shape[1]
     affinity = _pamr_affinity_torch(image, dilations, compute)
-    src = mask
-    owned = []  # full-size compute-dtype buffers this call may overwrite
-    if mask.shape[-2:] != (height, width):
-        # contiguous(): interpolate keeps a channels-last input's layout; the chunked sweeps want whole planes.
-        src = F.interpolate(mask.to(compute), size=(height, width), mode="bilinear", align_corners=True).contiguous()
-        owned.append(src)
-    for it in range(num_iter):
-        last = it == num_iter - 1
-        if last and mask.dtype != compute:
-            dst = empty_output(batch, channels, height, width, dtype=mask.dtype, device=mask.device)
-        else:
-            # Reuse a buffer that is neither the source of this sweep nor the caller's mask.
-            free = [buf for buf in owned if buf is not src]
-            if free:
-                dst = free[0]
-            else:
-                dst = empty_output(batch, channels, height, width, dtype=compute, device=mask.device)
-                owned.append(dst)
-        _propagate_torch(src, affinity, dilations, dst)
-        src = dst
-    return src
+    out = empty_output(batch, channels, height, width, dtype=mask.dtype, device=mask.device)
+    pad = max(dilations)
+    offsets = _offsets(dilations)
+    per_chunk = max(1, _CHUNK_ELEMENTS // (height * width))
+    # Small problems (the whole batch fits one chunk) run as one chunk: 8 L ops per sweep whatever B is.
+    batch_step = batch if batch * channels <= per_chunk else 1
+    chan_step = channels if batch_step > 1 else min(channels, per_chunk)
+    shape = (batch_step, chan_step, height + 2 * pad, width + 2 * pad)
+    # Two padded buffers ping-pong; the last sweep writes the output directly, or, for a mask dtype other than the
+    # compute dtype, accumulates in the buffer it does not read and rounds once into the output.
+    count = 2 if num_iter > 1 or mask.dtype != compute else 1
+    buffers = [torch.empty(shape, dtype=compute, device=mask.device) for _ in range(count)]
+    resize = mask.shape[-2:] != (height, width)
+    interior = (slice(None), slice(None), slice(pad, pad + height), slice(pad, pad + width))
+    for b0 in range(0, batch, batch_step):
+        b1 = b0 + batch_step
+        weights = [affinity[b0:b1, n:n + 1] for n in range(len(offsets))]
+        for c0 in range(0, channels, chan_step):
+            c1 = min(channels, c0 + chan_step)
+            src, *spare = [buf[:, :c1 - c0] for buf in buffers]
+            chunk = mask[b0:b1, c0:c1]
+            if resize:
+                chunk = F.interpolate(chunk.to(compute), size=(height, width), mode="bilinear", align_corners=True)
+            src[interior].copy_(chunk)
+            _replicate_border(src, pad, height, width)
+            for it in range(num_iter):
+                if it == num_iter - 1:
+                    target = out[b0:b1, c0:c1]
+                    acc = target if mask.dtype == compute else spare[0][interior]
+                    _sweep_torch(src, weights, offsets, pad, acc)
+                    if acc is not target:
+                        target.copy_(acc)
+                else:
+                    dst = spare[0]
+                    _sweep_torch(src, weights, offsets, pad, dst[interior])
+                    _replicate_border(dst, pad, height, width)
+                    src, spare[0] = dst, src
+    return out
 
 
 # ==============================================================================================================
