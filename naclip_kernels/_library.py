@@ -20,13 +20,13 @@ Backward: the Triton kernels are forward-only. Every op's autograd formula calls
 ``naclip_kernels::<op>_backward``, which recomputes the forward through the op's *differentiable torch path*
 under ``torch.enable_grad()`` and returns ``torch.autograd.grad`` of it: the maths of all backends is identical,
 so these are the exact gradients of whatever backend ran forward (up to that backend's rounding). The backward is
-its own op so that compiled graphs with gradients keep it opaque too. First-order gradients only (the backward op
-has no autograd formula of its own; asking for a second derivative raises PyTorch's usual error for that op).
+its own op so that compiled graphs with gradients keep it opaque too. With ``create_graph=True`` (a second
+derivative to come) the formula differentiates the recompute directly instead, so higher-order gradients work.
 """
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -63,7 +63,8 @@ def _autograd_reenabled():
 
 
 def define_op(name: str, schema: str, impl: Callable[..., torch.Tensor], fake: Callable[..., torch.Tensor],
-              differentiable: Callable[..., torch.Tensor], tensor_args: Sequence[int]):
+              differentiable: Callable[..., torch.Tensor], tensor_args: Sequence[int],
+              twice_differentiable: Optional[Callable[..., torch.Tensor]] = None):
     """Register ``naclip_kernels::<name>`` with a fake kernel and a recompute-based autograd formula.
 
     Args:
@@ -75,6 +76,8 @@ def define_op(name: str, schema: str, impl: Callable[..., torch.Tensor], fake: C
         differentiable: same arguments; a differentiable torch computation of the same maths (used only by the
             backward: it runs under ``torch.enable_grad()`` on detached copies of the tensor arguments).
         tensor_args: positions of the tensor arguments (``Tensor`` or ``Tensor?``) in ``schema``.
+        twice_differentiable: same arguments; a computation whose backward is differentiable again, for
+            ``create_graph=True`` (default ``differentiable``; attention's fused SDPA has no double backward).
 
     Returns:
         The forward :class:`torch.library.CustomOpDef` (callable like the function).
@@ -112,8 +115,18 @@ def define_op(name: str, schema: str, impl: Callable[..., torch.Tensor], fake: C
         args = list(ctx.args)
         for i, tensor in zip(tensor_args, ctx.saved_tensors):
             args[i] = tensor
-        grads = iter(backward_op(grad_out, *args))
         result = [None] * len(args)
+        if torch.is_grad_enabled():
+            # create_graph=True (a second derivative is coming): differentiate the recompute of the saved inputs
+            # themselves, so that the gradients are part of the graph and higher orders work.
+            wanted = [i for i in tensor_args if args[i] is not None and ctx.needs_input_grad[i]]
+            out = (twice_differentiable or differentiable)(*args)
+            grads = torch.autograd.grad(out, [args[i] for i in wanted], grad_out, create_graph=True,
+                                        allow_unused=True)
+            for i, g in zip(wanted, grads):
+                result[i] = torch.zeros_like(args[i]) if g is None else g
+            return tuple(result)
+        grads = iter(backward_op(grad_out, *args))
         for i in tensor_args:
             if args[i] is not None:
                 g = next(grads)

@@ -190,3 +190,20 @@ def test_triton_backend_runs_the_torch_backward(rng):
     g_triton, = torch.autograd.grad(nk.pamr(image, mask, num_iter=2, dilations=(1,), backend="triton").sum(), mask)
     g_torch, = torch.autograd.grad(nk.pamr(image, mask, num_iter=2, dilations=(1,), backend="torch").sum(), mask)
     assert torch.equal(g_triton, g_torch)
+
+
+SECOND_ORDER = {
+    "neighbour_attention": (lambda a, b, c: nk.neighbour_attention(a, b, c, grid=(2, 3), sigma=2.0, similarity="qk",
+                                                                   backend="torch"), [(1, 1, 7, 4)] * 3),
+    "pamr": (lambda a, b: nk.pamr(a, b, num_iter=2, dilations=(1,), backend="torch"), [(1, 2, 4, 5), (1, 2, 4, 5)]),
+    "proxy_attention": (lambda a, b: nk.proxy_attention(a, b, beta=0.5, gamma=2.0, backend="torch"),
+                        [(1, 6, 4), (1, 2, 6, 3)]),
+}
+
+
+@pytest.mark.parametrize("name", list(SECOND_ORDER))
+def test_second_order_gradients(rng, name):
+    """``create_graph=True``: the formula differentiates the recompute itself, so gradients of gradients work."""
+    fn, shapes = SECOND_ORDER[name]
+    inputs = [torch.rand(s, generator=rng, dtype=torch.float64).requires_grad_() for s in shapes]
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)

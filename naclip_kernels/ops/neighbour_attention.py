@@ -532,11 +532,18 @@ def _neighbour_attention_differentiable(q, k, v, h, w, sigma, prefix_tokens, sim
     return _neighbour_attention_torch(q, k, v, h, w, sigma, prefix_tokens, similarity, scale)
 
 
+def _neighbour_attention_twice_differentiable(q, k, v, h, w, sigma, prefix_tokens, similarity, scale, backend):
+    """For ``create_graph=True`` only: the eager reference (matmul + softmax, ``[B, H, N, N]`` scores), whose
+    backward is differentiable again (the fused SDPA kernels have no double backward)."""
+    return reference.neighbour_attention(q, k, v, (h, w), sigma, prefix_tokens, similarity, scale)
+
+
 _neighbour_attention_op = define_op(
     "neighbour_attention",
     "(Tensor? q, Tensor k, Tensor v, SymInt h, SymInt w, float? sigma, SymInt prefix_tokens, str similarity, "
     "float scale, str backend) -> Tensor",
-    _neighbour_attention_impl, _neighbour_attention_fake, _neighbour_attention_differentiable, tensor_args=(0, 1, 2))
+    _neighbour_attention_impl, _neighbour_attention_fake, _neighbour_attention_differentiable, tensor_args=(0, 1, 2),
+    twice_differentiable=_neighbour_attention_twice_differentiable)
 
 
 # ==============================================================================================================
