@@ -25,6 +25,9 @@ __all__ = [
     "OPENAI_IMAGENET_TEMPLATES",
     "load_image",
     "ImageLoadError",
+    "load_vfm",
+    "VFM_NAMES",
+    "METHODS",
 ]
 
 _LAZY = {
@@ -40,10 +43,15 @@ _LAZY = {
     "OPENAI_IMAGENET_TEMPLATES": "naclip.text",
     "load_image": "naclip.image",
     "ImageLoadError": "naclip.image",
+    "load_vfm": "naclip.vfm",
+    "VFM_NAMES": "naclip.vfm",
+    "METHODS": "naclip.methods",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from naclip.image import ImageLoadError, load_image
+    from naclip.methods import METHODS
+    from naclip.vfm import VFM_NAMES, load_vfm
     from naclip.model import (ModelLoadError, NaclipPatch, NotAViTError, dense_features, load_clip,
                               patch_naclip)
     from naclip.segmenter import SegmentationResult, Segmenter

@@ -190,7 +190,7 @@ def add_vfm_arguments(g) -> None:
     """``--vfm --vfm-pretrained``: ProxyCLIP's vision foundation model (``segment``, ``eval``, ``serve``)."""
     g.add_argument("--vfm", default=None, metavar="NAME",
                    help="ProxyCLIP's vision foundation model: dino_vitb8 (default), dino_vitb16, dinov2_vitb14_reg, "
-                        "sam_vitb, mae_vitb16, or any timm ViT name; implies --method proxyclip")
+                        "sam_vitb, mae_vitb16, or any timm ViT name; implies --method proxyclip (so does --vfm-pretrained)")
     g.add_argument("--vfm-pretrained", default=None, metavar="TAG|FILE|none",
                    help="the VFM's weights: a timm tag (default: the VFM's own, e.g. dino), a local checkpoint file "
                         "(timm or original layout), or 'none' for random weights (tests only)")
@@ -399,7 +399,8 @@ def _resolve_device(device: Optional[str]) -> str:
 
 def _segmenter_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """Model options for the factory; preset-level settings only when the user gave them."""
-    method = args.method if args.method is not None else ("proxyclip" if args.vfm is not None else None)
+    implied = "proxyclip" if args.vfm is not None or args.vfm_pretrained is not None else None
+    method = args.method if args.method is not None else implied
     extra = method_kwargs(args, method or "naclip")
     kwargs = model_loading_kwargs(args)
     if method is not None:
@@ -473,14 +474,16 @@ def _world(args):
         raise UserError(str(exc)) from None
 
 
-def _decoded(args, image_paths, label_paths=None, dataset=None):
-    """The images (and labels) of this rank, decoded in ``--workers`` DataLoader worker processes."""
+def _decoded(args, segmenter, image_paths, label_paths=None, dataset=None):
+    """The images (and labels) of this rank, decoded in ``--workers`` DataLoader worker processes, which also
+    resize and normalise them when the segmenter offers a ``preprocessor()`` (``naclip.Segmenter`` does)."""
     from naclip.datasets import DecodedImages, decoded_images, default_workers
 
     labels = {} if dataset is None else dict(reduce_zero_label=dataset.reduce_zero_label,
                                              ignore_index=dataset.ignore_index)
+    prepare = segmenter.preprocessor() if callable(getattr(segmenter, "preprocessor", None)) else None
     workers = default_workers() if args.workers is None else args.workers
-    return decoded_images(DecodedImages(image_paths, label_paths, **labels), workers)
+    return decoded_images(DecodedImages(image_paths, label_paths, prepare=prepare, **labels), workers)
 
 
 def _bar_title(title: str, world) -> str:
@@ -629,14 +632,14 @@ def _cmd_segment(args, factory) -> int:
     done = 0
     start = time.perf_counter()
     mine = world.shard(images)                           # rank r of W: images r, r + W, ...
-    decoded = _decoded(args, [path for path, _ in mine])
+    decoded = _decoded(args, segmenter, [path for path, _ in mine])
     with _progress(len(mine), args.quiet or not world.is_main, _bar_title("segment", world)) as bar:
         for (path, name), item in zip(mine, decoded):
             try:
                 if item.error is not None:
                     raise item.error
                 image = item.image
-                result = segmenter(image)
+                result = segmenter(image if item.prepared is None else item.prepared)
                 _save_outputs(out_dir, name, image, result, legend_names, args)
                 done += 1
             except KeyboardInterrupt:
@@ -710,14 +713,14 @@ def _cmd_eval(args, factory) -> int:
     start = time.perf_counter()
     world = args.world
     samples = world.shard(dataset.samples)               # rank r of W: images r, r + W, ...
-    decoded = _decoded(args, [s.image_path for s in samples], [s.label_path for s in samples], dataset)
+    decoded = _decoded(args, segmenter, [s.image_path for s in samples], [s.label_path for s in samples], dataset)
     with _progress(len(samples), args.quiet or not world.is_main, _bar_title(f"eval {preset.name}", world)) as bar:
         for sample, item in zip(samples, decoded):
             try:
                 if item.error is not None:
                     raise item.error
                 image, label = item.image, item.label
-                result = segmenter(image)
+                result = segmenter(image if item.prepared is None else item.prepared)
                 pred = _to_numpy(result.labels)
                 if pred.shape != label.shape:
                     raise ValueError(f"prediction size {pred.shape} differs from label size {label.shape} "

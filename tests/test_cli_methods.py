@@ -59,7 +59,8 @@ def test_method_names_match_the_registry():
     (["--method", "proxyclip", "--vfm", "dinov2_vitb14_reg", "--vfm-pretrained", "none", "--pamr"],
      {"method": "proxyclip", "vfm": "dinov2_vitb14_reg", "vfm_pretrained": None, "pamr": True}),
     (["--method", "proxyclip", "--vfm-pretrained", "dino"], {"method": "proxyclip", "vfm_pretrained": "dino"}),
-], ids=["default", "sclip", "proxyclip", "vfm-implies-proxyclip", "all", "tag"])
+    (["--vfm-pretrained", "none"], {"method": "proxyclip", "vfm_pretrained": None}),
+], ids=["default", "sclip", "proxyclip", "vfm-implies-proxyclip", "all", "tag", "vfm-pretrained-implies"])
 def test_method_options_reach_the_segmenter(tmp_path, extra, expected):
     rec = Recorder()
     main(_segment_argv(tmp_path, *extra), segmenter_factory=rec)

@@ -1,4 +1,4 @@
-"""Vanilla CLIP dense features (MaskCLIP-free baseline): the last block as trained, ``qk`` attention, no bias.
+"""Vanilla CLIP dense features (the baseline): the last block as trained, ``qk`` attention, no bias.
 
 The patched model computes exactly what the unpatched one does (``tests/test_model.py`` holds it to that); only the
 per-patch tokens are read out instead of the pooled class token. NACLIP's pipeline around it.
