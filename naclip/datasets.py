@@ -234,13 +234,15 @@ def dataset_for_preset(preset, root, split: Optional[str] = None, limit: Optiona
 
 @dataclass(frozen=True)
 class Decoded:
-    """One decoded item: the RGB ``PIL.Image`` (``None`` if it failed), its label (``int64 [H, W]``, or ``None``
-    when not asked for or failed) and the error that stopped it (``None`` on success)."""
+    """One decoded item: the RGB ``PIL.Image`` (``None`` if it failed), ``prepare(image)`` when a ``prepare`` was
+    given (else ``None``), its label (``int64 [H, W]``, or ``None`` when not asked for or failed) and the error
+    that stopped it (``None`` on success)."""
 
     index: int
     image: Any
     label: Optional[np.ndarray]
     error: Optional[BaseException]
+    prepared: Any = None
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -256,20 +258,24 @@ def _picklable(exc: BaseException) -> BaseException:
 
 class DecodedImages:
     """A map-style dataset (for ``torch.utils.data.DataLoader``): item ``i`` decodes ``image_paths[i]`` with
-    :func:`naclip.image.load_image` and, with ``label_paths``, reads its label with :func:`load_label`.
+    :func:`naclip.image.load_image`, runs ``prepare`` on it when given (a picklable callable, e.g.
+    :meth:`naclip.Segmenter.preprocessor`: resizing and normalisation) and, with ``label_paths``, reads its label
+    with :func:`load_label`.
 
     Errors are returned in the item (:attr:`Decoded.error`), not raised: a corrupt image must be reported on its
     own line while the other images go on, and an exception raised in a worker would stop the whole loader.
     """
 
     def __init__(self, image_paths: Sequence[Path], label_paths: Optional[Sequence[Path]] = None,
-                 reduce_zero_label: bool = False, ignore_index: int = 255):
+                 reduce_zero_label: bool = False, ignore_index: int = 255,
+                 prepare: Optional[Callable[[Any], Any]] = None):
         if label_paths is not None and len(label_paths) != len(image_paths):
             raise ValueError(f"DecodedImages: {len(label_paths)} label paths for {len(image_paths)} images")
         self.image_paths = list(image_paths)
         self.label_paths = None if label_paths is None else list(label_paths)
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index
+        self.prepare = prepare
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -277,14 +283,16 @@ class DecodedImages:
     def __getitem__(self, index: int) -> Decoded:
         from naclip.image import load_image
 
-        image = label = None
+        image = label = prepared = None
         try:
             image = load_image(self.image_paths[index])
             if self.label_paths is not None:
                 label = load_label(self.label_paths[index], self.reduce_zero_label, self.ignore_index)
+            if self.prepare is not None:
+                prepared = self.prepare(image)
         except Exception as exc:  # noqa: BLE001 - reported per image by the caller
             return Decoded(index, None, None, _picklable(exc))
-        return Decoded(index, image, label, None)
+        return Decoded(index, image, label, None, prepared)
 
 
 def default_workers() -> int:
@@ -304,8 +312,8 @@ def _keep(item):
 def decoded_images(dataset: DecodedImages, workers: int = 0) -> Iterator[Decoded]:
     """The items of ``dataset`` in order, decoded by ``workers`` DataLoader worker processes (0: in this process).
 
-    Workers decode ahead of the consumer (2 items each), so the model is fed while the next images decode.
-    Resizing and normalisation stay in the segmenter, on its device (a GPU does them faster than the workers).
+    Workers decode (and prepare) ahead of the consumer (2 items each), so the model is fed while the next images
+    decode.
     """
     if workers < 0:
         raise ValueError(f"decoded_images: workers must be >= 0, got {workers}")

@@ -42,7 +42,7 @@ from naclip.methods.base import PIPELINE_SETTINGS
 from naclip.model import LoadedCLIP, check_vit, import_open_clip, load_clip
 from naclip.text import TextEncoder, parse_classes, read_class_file
 
-__all__ = ["Segmenter", "SegmentationResult"]
+__all__ = ["Segmenter", "SegmentationResult", "PreparedImage", "Preprocessor"]
 
 
 @dataclass
@@ -107,6 +107,28 @@ def _resolve_method(method: str, pipeline: Dict[str, Any], named_options: Dict[s
     if spec.check_options is not None:
         spec.check_options(options)
     return spec, settings, options
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image already through step 1 of the pipeline (:meth:`Segmenter.preprocessor`): ``tensor`` ``[3, H', W']``
+    float32, resized and normalised; ``size`` the original ``(H, W)``, the size of the segmentation."""
+    tensor: torch.Tensor
+    size: Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Step 1 of the pipeline as a picklable callable (what DataLoader workers run): ``image -> PreparedImage``."""
+    short_side: Optional[int]
+    max_long_side: Optional[int]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+    def __call__(self, image: Any) -> PreparedImage:
+        x = to_tensor(image)
+        resized = normalize(resize_short_side(x, self.short_side, self.max_long_side), self.mean, self.std)
+        return PreparedImage(resized, (int(x.shape[-2]), int(x.shape[-1])))
 
 
 def _check_pos_int(name: str, value: Any) -> int:
@@ -378,12 +400,18 @@ class Segmenter:
         self.head.remove()
 
     # ------------------------------------------------------------------------------------------------ inference
+    def preprocessor(self) -> "Preprocessor":
+        """Step 1 of the pipeline (RGB in ``[0, 1]``, resize, normalise) as a small picklable callable that runs on
+        the CPU, e.g. in ``DataLoader`` workers; call the segmenter with its :class:`PreparedImage` results. The
+        settings are those of this moment (``short_side``, ``max_long_side``, the weights' mean and std)."""
+        return Preprocessor(self.short_side, self.max_long_side, tuple(self.mean), tuple(self.std))
+
     def __call__(self, images: Any) -> Union[SegmentationResult, List[SegmentationResult]]:
         if isinstance(images, (list, tuple)):
             if not images:
                 raise ValueError("Segmenter: got an empty list of images")
             return [self._segment(img, f"images[{i}]") for i, img in enumerate(images)]
-        if not is_image_like(images):
+        if not (is_image_like(images) or isinstance(images, PreparedImage)):
             raise TypeError(f"Segmenter: image must be a PIL image, an [H, W, 3] uint8 array, a [3, H, W] tensor, a "
                             f"file path, or a list of them; got {type(images).__name__}")
         return self._segment(images, "image")
@@ -448,9 +476,12 @@ class Segmenter:
     def _segment(self, image: Any, arg: str) -> SegmentationResult:
         timings: Dict[str, float] = {}
         t_start = time.perf_counter()
-        x = to_tensor(image, arg=arg).to(self.device)
-        height, width = x.shape[-2:]
-        x = normalize(resize_short_side(x, self.short_side, self.max_long_side), self.mean, self.std)
+        if isinstance(image, PreparedImage):
+            x, (height, width) = image.tensor.to(self.device), image.size
+        else:
+            x = to_tensor(image, arg=arg).to(self.device)
+            height, width = x.shape[-2:]
+            x = normalize(resize_short_side(x, self.short_side, self.max_long_side), self.mean, self.std)
         self._sync()
         t = time.perf_counter()
         timings["preprocess"] = t - t_start

@@ -133,3 +133,27 @@ def test_bad_label_files(tmp_path):
     Image.new("RGB", (2, 2)).save(root / "SegmentationClass" / "b.png")
     with pytest.raises(DatasetError, match="single-channel"):
         load_label(root / "SegmentationClass" / "b.png")
+
+
+def _halve(image):
+    """A picklable ``prepare``: what the workers hand back next to the decoded image."""
+    return image.size[0] // 2
+
+
+@pytest.mark.parametrize("workers", [pytest.param(0, id="in-process"), pytest.param(2, id="two-workers")])
+def test_decoded_images_in_order_with_errors_per_item(tmp_path, workers):
+    from naclip.datasets import DecodedImages, decoded_images
+    from naclip.image import ImageLoadError
+
+    root = make_voc(tmp_path / "VOC2012", ids=("a", "b", "c", "d"))
+    (root / "JPEGImages" / "b.jpg").write_bytes(b"not a jpeg")
+    (root / "SegmentationClass" / "d.png").unlink()
+    samples = dataset_for_preset(get_preset("voc20"), root).samples
+    items = list(decoded_images(DecodedImages([s.image_path for s in samples], [s.label_path for s in samples],
+                                              reduce_zero_label=True, prepare=_halve), workers))
+    assert [item.index for item in items] == [0, 1, 2, 3]
+    assert isinstance(items[1].error, ImageLoadError) and "b.jpg" in str(items[1].error) and items[1].image is None
+    assert isinstance(items[3].error, DatasetError) and "d.png" in str(items[3].error)
+    for item in (items[0], items[2]):
+        assert item.error is None and item.image.size == (4, 2) and item.prepared == 2
+        np.testing.assert_array_equal(item.label, reduce_zero_label(LABEL))

@@ -148,6 +148,18 @@ def test_input_types_agree(tmp_path):
     assert isinstance(results, list) and [r.labels.shape for r in results] == [(45, 61), (30, 90)]
 
 
+def test_prepared_images_give_the_same_result():
+    """What DataLoader workers hand over (``seg.preprocessor()(image)``, pickled) segments exactly like the image."""
+    import pickle
+
+    seg = tiny_segmenter(pamr=True)
+    image = random_image(45, 61, seed=4)
+    prepared = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(seg.preprocessor()))(image)))
+    assert prepared.size == (45, 61) and prepared.tensor.shape[-2:] == (96, 130)
+    direct, via = seg(image), seg(prepared)
+    assert torch.equal(via.labels, direct.labels) and torch.equal(via.probs, direct.probs)
+
+
 @pytest.mark.parametrize("size", [(37, 53), (20, 100), (64, 64), (10, 10)])
 @pytest.mark.parametrize("slide", [(64, 32), None], ids=["slide", "whole"])
 def test_any_size_including_smaller_than_a_window(size, slide):
