@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import naclip_kernels as nk
 from naclip_kernels import reference
 from naclip_kernels._alloc import poison_outputs
 from naclip_kernels.ops import proxy_attention as proxy_op
 from tests.proxy_helpers import proxy_inputs
+from tests.test_attention import _LargestAllocation  # records the largest tensor any aten op produces
 from tests.tolerances import assert_close_to_reference, tol
 
 DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -189,21 +189,6 @@ def test_zero_feature_vectors_and_huge_gamma(rng):
 # ---------------------------------------------------------------------------------------------------------------
 # Memory: never an M x M tensor
 # ---------------------------------------------------------------------------------------------------------------
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor any aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_torch_path_never_forms_m_by_m(rng, monkeypatch):
     monkeypatch.setattr(proxy_op, "_TILE_ELEMENTS", 1 << 14)
     n_tokens = 900
