@@ -334,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(ev)
     _add_pipeline_arguments(ev)
 
-    sub.add_parser("presets", help="list the benchmark presets",
-                   description="List the benchmark presets and their settings.")
+    pre = sub.add_parser("presets", help="list the benchmark presets",
+                         description="List the benchmark presets and their settings.")
+    pre.add_argument("--method", choices=METHOD_NAMES, default="naclip",
+                     help="show the settings this method uses per benchmark (default: naclip; proxyclip has its own)")
     # `serve` is parsed by naclip.server's own options (see _run_serve); this entry is for --help.
     sub.add_parser("serve", help="start the local web app (options: naclip serve --help)", add_help=False)
     return parser
@@ -795,11 +797,20 @@ def _cmd_eval(args, factory) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 def _cmd_presets(args) -> int:
+    method = getattr(args, "method", "naclip")
+    settings = None
+    if method != "naclip":        # the method's own per-benchmark settings (imports torch: only when asked for)
+        from naclip.methods import get_method
+        settings = get_method(method).preset_settings
     print(f"{'preset':<12} {'classes':>7} {'queries':>7} {'short':>5} {'window':>8} {'thresh':>6}  layout")
     for p in PRESETS.values():
-        window = "whole" if p.slide is None else f"{p.slide[0]}x{p.slide[1]}"
-        thr = "-" if p.confidence_threshold is None else f"{p.confidence_threshold:g}"
-        print(f"{p.name:<12} {p.num_classes:>7} {p.num_queries:>7} {p.short_side:>5} {window:>8} {thr:>6}  "
+        short, slide, threshold = p.short_side, p.slide, p.confidence_threshold
+        if settings is not None:
+            chosen = settings(p)
+            short, slide, threshold = chosen["short_side"], chosen["slide"], chosen["confidence_threshold"]
+        window = "whole" if slide is None else f"{slide[0]}x{slide[1]}"
+        thr = "-" if threshold is None else f"{threshold:g}"
+        print(f"{p.name:<12} {p.num_classes:>7} {p.num_queries:>7} {short:>5} {window:>8} {thr:>6}  "
               f"{p.dataset_layout}")
     return 0
 

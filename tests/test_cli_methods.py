@@ -134,3 +134,13 @@ def test_offline_vfm_tag_is_one_line_with_the_cli_spelling(tmp_path, capsys, mon
     assert len(lines) == 1, err
     assert "vit_tiny_patch16_224.augreg_in21k" in lines[0] and "--vfm-pretrained /path/to/" in lines[0]
     assert "vfm_pretrained=" not in lines[0]
+
+
+def test_presets_lists_the_methods_settings(capsys):
+    assert main(["presets", "--method", "proxyclip"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["voc21"][3:6] == ["336", "336x112", "0.2"] and rows["cityscapes"][3:6] == ["448", "224x112", "-"]
+    assert rows["pc60"][5] == "0.15" and rows["coco_object"][5] == "0.25" and rows["ade20k"][3] == "448"
+    assert main(["presets"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["voc21"][3:6] == ["336", "whole", "0.1"]
