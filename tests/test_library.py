@@ -14,6 +14,7 @@ from torch.library import opcheck
 
 import naclip_kernels as nk
 from naclip_kernels._library import NAMESPACE, _backward_schema
+from tests.conftest import requires_triton_interpreter
 
 OPS = ("neighbour_attention", "pamr", "proxy_attention")
 
@@ -144,6 +145,19 @@ def test_opcheck_proxy_attention_backward(rng):
     v = torch.randn(1, 2, 10, 4, generator=rng, dtype=torch.float64)
     grad = torch.randn(1, 2, 10, 4, generator=rng, dtype=torch.float64)
     opcheck(torch.ops.naclip_kernels.proxy_attention_backward.default, (grad, feats, v, 0.8, 2.0, "torch"))
+
+
+@requires_triton_interpreter
+def test_opcheck_triton_backend(rng):
+    """The Triton launchers behind the same ops (under the interpreter): outputs conform to the fake kernels."""
+    q, k, v = (torch.randn(1, 7, 2, 16, generator=rng).transpose(1, 2).requires_grad_() for _ in range(3))
+    opcheck(torch.ops.naclip_kernels.neighbour_attention.default, (q, k, v, 2, 3, 2.0, 1, "csa", 0.25, "triton"))
+    image = torch.rand(1, 3, 6, 5, generator=rng, requires_grad=True)
+    mask = torch.randn(1, 2, 3, 4, generator=rng, requires_grad=True)
+    opcheck(torch.ops.naclip_kernels.pamr.default, (image, mask, 2, [1, 2], "triton"))
+    feats = torch.randn(1, 10, 8, generator=rng, requires_grad=True)
+    opcheck(torch.ops.naclip_kernels.proxy_attention.default,
+            (feats, torch.randn(1, 2, 10, 4, generator=rng, requires_grad=True), 1.2, 3.0, "triton"))
 
 
 def test_fake_kernels_give_shapes_without_running():
