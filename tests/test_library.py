@@ -48,6 +48,18 @@ def pamr_args(rng, dtype, layout, mask_size=(5, 7), image_size=(9, 11), dilation
     return (image.requires_grad_(), mask.requires_grad_(), 2, list(dilations), "torch")
 
 
+def _cases(*layouts):
+    """One case per dtype (float64, float32, float16, bfloat16), each with the next layout of ``layouts``."""
+    dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    return [pytest.param(dt, layout, id=f"{str(dt)[6:]}-{layout}") for dt, layout in zip(dtypes, layouts)]
+
+
+def _opcheck_backward(name, grad, args):
+    """opcheck of ``naclip_kernels::<name>_backward`` at the forward arguments ``args`` (detached)."""
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    opcheck(getattr(torch.ops.naclip_kernels, f"{name}_backward").default, (grad, *plain))
+
+
 def test_ops_are_registered_in_the_namespace():
     for name in OPS:
         packet = getattr(getattr(torch.ops, NAMESPACE), name)
@@ -97,17 +109,10 @@ def test_opcheck_neighbour_attention_variants(rng, case):
 
 def test_opcheck_neighbour_attention_backward(rng):
     args = attention_args(rng, torch.float64, "transposed", "qk")
-    grad = torch.randn(args[2].shape, generator=rng, dtype=torch.float64)
-    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    opcheck(torch.ops.naclip_kernels.neighbour_attention_backward.default, (grad, *plain))
+    _opcheck_backward("neighbour_attention", torch.randn(args[2].shape, generator=rng, dtype=torch.float64), args)
 
 
-PAMR_CASES = [
-    pytest.param(torch.float64, "sliced", id="float64-sliced"),
-    pytest.param(torch.float32, "transposed", id="float32-channels-last"),
-    pytest.param(torch.float16, "contiguous", id="float16-contiguous"),
-    pytest.param(torch.bfloat16, "sliced", id="bfloat16-sliced"),
-]
+PAMR_CASES = _cases("sliced", "transposed", "contiguous", "sliced")       # "transposed": a channels-last mask
 
 
 @pytest.mark.parametrize("dtype,layout", PAMR_CASES)
@@ -118,17 +123,10 @@ def test_opcheck_pamr(rng, dtype, layout):
 def test_opcheck_pamr_same_size_mask_and_backward(rng):
     args = pamr_args(rng, torch.float32, "contiguous", mask_size=(6, 4), image_size=(6, 4), dilations=(2,))
     opcheck(torch.ops.naclip_kernels.pamr.default, args)
-    grad = torch.randn(2, 4, 6, 4, generator=rng)
-    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    opcheck(torch.ops.naclip_kernels.pamr_backward.default, (grad, *plain))
+    _opcheck_backward("pamr", torch.randn(2, 4, 6, 4, generator=rng), args)
 
 
-PROXY_CASES = [
-    pytest.param(torch.float64, "contiguous", id="float64-contiguous"),
-    pytest.param(torch.float32, "transposed", id="float32-transposed"),
-    pytest.param(torch.float16, "sliced", id="float16-sliced"),
-    pytest.param(torch.bfloat16, "contiguous", id="bfloat16-contiguous"),
-]
+PROXY_CASES = _cases("contiguous", "transposed", "sliced", "contiguous")
 
 
 @pytest.mark.parametrize("dtype,layout", PROXY_CASES)
@@ -143,8 +141,8 @@ def test_opcheck_proxy_attention(rng, dtype, layout):
 def test_opcheck_proxy_attention_backward(rng):
     feats = torch.randn(1, 10, 8, generator=rng, dtype=torch.float64)
     v = torch.randn(1, 2, 10, 4, generator=rng, dtype=torch.float64)
-    grad = torch.randn(1, 2, 10, 4, generator=rng, dtype=torch.float64)
-    opcheck(torch.ops.naclip_kernels.proxy_attention_backward.default, (grad, feats, v, 0.8, 2.0, "torch"))
+    _opcheck_backward("proxy_attention", torch.randn(1, 2, 10, 4, generator=rng, dtype=torch.float64),
+                      (feats, v, 0.8, 2.0, "torch"))
 
 
 @requires_triton_interpreter
