@@ -5,10 +5,10 @@ Layers, bottom up: the Triton forward kernel ``_proxy_attention_fwd_kernel`` and
 :func:`proxy_attention` that validates, dispatches and returns. The maths is ``SPEC.md`` section 7; the literal
 eager version is :func:`naclip_kernels.reference.proxy_attention`.
 
-What makes it cheap: the weights ``softmax(A)`` do not depend on the head, so each block of query rows computes its
-``[block, M]`` weights once and multiplies them with all heads at once (``v`` viewed as ``[M, H*D]``: one matmul);
-``mu`` (the mean of all ``M * M`` similarities) is ``||sum_t xh_t||^2 / M^2``, an ``O(M*C)`` reduction. No ``M x M``
-tensor is ever formed, and no ``[H, M, M]`` one.
+What makes it cheap: the weights ``softmax(A)`` do not depend on the head, so each tile of weights is computed once
+and multiplied with all heads at once (``v`` viewed as ``[M, H*D]``: one matmul); ``mu`` (the mean of all ``M * M``
+similarities) is ``||sum_t xh_t||^2 / M^2``, an ``O(M*C)`` reduction. No ``M x M`` tensor is ever formed, and no
+``[H, M, M]`` one. The torch path also uses the symmetry of ``S`` (each weight tile serves its transpose too).
 """
 from __future__ import annotations
 
@@ -208,22 +208,22 @@ def _proxy_attention_fwd_kernel(
 # BLOCK_HD columns, balanced over as few column splits as possible (H*D = 768 with 128-column chunks: 2 splits of
 # 3, not 4 + 2), so each entry stands for MAX_CHUNKS kernel specialisations, all of them in the AOT check.
 # What is left after removing every candidate that spills (cuobjdump STACK > 0) on sm_80 or sm_90 with Triton 3.8
-# (``python -m naclip_kernels.aot --ops proxy_attention``); removed, with the spilled bytes (sm_80 / sm_90):
+# or 3.9 (``python -m naclip_kernels.aot --ops proxy_attention``; reports in bench/results/aot/); removed, with the
+# spilled bytes (sm_80 / sm_90, Triton 3.8 unless noted):
 #   half: (32,64,64,256,3,8,2) 0/48 B; (64,32,64,256,3,8,2) -/112 B; (64,64,64,128,3,8,2) 72/0 B;
 #     (64,64,64,128,4,8,2) 256/0 B; (32,64,64,128,3,4,2) 120/80 B; (64,64,32,128,3,8,2) 48/0 B;
-#     (16,64,64,256,3,4,2) 320/312 B; (16,32,64,256,3,4,2) 0/8 B.
+#     (16,64,64,256,3,4,2) 320/312 B; (16,32,64,256,3,4,2) 0/8 B; (32,64,64,128,MAX_CHUNKS 4,8,2) clean on 3.8
+#     but its CHUNKS=3 variant spills 0/16 B on 3.9.
 #   fp32 (IEEE dots on the FMA units, operands in registers): (16,32,32,64,1,4,2) 8/8 B (at 80 registers);
-#     (16,32,32,64,4,4,2) 24/376 B.
+#     (16,32,32,64,4,4,2) 24/376 B; (16,32,16,128,2,8,2) clean on 3.8, 0/8 B on 3.9 (CHUNKS 1 and 2).
 _HALF_TUNE = (
     (32, 32, 64, 256, 3, 8, 2),   # H*D = 768 (CLIP ViT-B) in ONE program: the weights computed once for all heads
     (64, 32, 64, 128, 3, 8, 2),   # 64 rows x 384 columns: H*D = 768 in two splits
-    (32, 64, 64, 128, 4, 8, 2),   # 32 rows x 512 columns: H*D = 1024 (ViT-L) in two splits
     (64, 64, 64, 128, 2, 8, 2),   # large key tiles for small H*D
 )
 _FP32_TUNE = (
     (16, 16, 32, 128, 2, 4, 2),
     (32, 32, 32, 64, 2, 8, 2),
-    (16, 32, 16, 128, 2, 8, 2),
 )
 
 
