@@ -8,16 +8,20 @@
   cheaper (prompts are ~10-20 tokens of the 77-token context).
 - :class:`TextEncoder`: per query, every template is encoded and L2-normalised, the templates are averaged and the
   mean is L2-normalised again; results are cached in memory and on disk keyed by (model name, weights identity,
-  templates, class names, dtype), so a second run with the same classes encodes nothing.
+  templates, class names, dtype), so a second run with the same classes encodes nothing. The first run groups the
+  prompts by token length, so that no batch carries padding (exact, see :func:`encode_tokens`), and reports its
+  progress (a message and a tqdm bar on a terminal, or a callback).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sys
 import threading
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +191,19 @@ def _text_parts(model: nn.Module):
     return parts
 
 
+def _plain_blocks(transformer: nn.Module):
+    """The residual blocks of open_clip's batch-first ``Transformer`` when every one is the plain
+    ``ResidualAttentionBlock`` (``ln_1 -> attention -> ls_1``, ``ln_2 -> mlp -> ls_2``); ``None`` otherwise (then
+    the transformer runs as a whole)."""
+    blocks = getattr(transformer, "resblocks", None)
+    if (type(transformer).__name__ != "Transformer" or not getattr(transformer, "batch_first", False)
+            or getattr(transformer, "grad_checkpointing", False) or not blocks):
+        return None
+    if any(type(b).__name__ != "ResidualAttentionBlock" or hasattr(b, "ln_1_kv") for b in blocks):
+        return None
+    return list(blocks)
+
+
 def _pool_index(tokens: torch.Tensor, pool_type: str, eos_id: Optional[int]) -> torch.Tensor:
     if pool_type == "argmax":
         return tokens.argmax(dim=-1)
@@ -200,7 +217,9 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor, truncate: bool = True)
 
     With ``truncate=True`` the sequence is cut to ``max(pooled position) + 1`` and the text transformer runs on
     ``positional_embedding[:L]`` and ``attn_mask[:L, :L]``: exact for CLIP's causal text tower, which pools at
-    the EOT token. Towers where that is not exact (no causal mask, last-token pooling, CoCa) use
+    the EOT token. When every prompt pools at the last kept position (one token length, as
+    :class:`TextEncoder` batches them), the last block computes that position only. Both are exact up to
+    floating-point summation order. Towers where that is not exact (no causal mask, last-token pooling, CoCa) use
     ``model.encode_text`` on the full context.
     """
     parts = _text_parts(model) if truncate else None
@@ -212,13 +231,73 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor, truncate: bool = True)
     cast_dtype = parts["transformer"].get_cast_dtype()
     x = parts["token_embedding"](tokens).to(cast_dtype)
     x = x + parts["positional_embedding"][:length].to(cast_dtype)
-    x = parts["transformer"](x, attn_mask=parts["attn_mask"][:length, :length])
-    x = parts["ln_final"](x)
-    x = x[torch.arange(x.shape[0], device=x.device), pooled_at]
+    mask = parts["attn_mask"][:length, :length]
+    blocks = _plain_blocks(parts["transformer"])
+    if blocks is not None and bool((pooled_at == length - 1).all()):
+        # Every prompt pools at the last position (a batch of one token length): the last block only has to
+        # produce that position. Its keys and values still come from every position; its query, output
+        # projection and MLP run on one token per prompt instead of all of them (the causal row of the last
+        # position sees every key, so no mask is needed there).
+        for block in blocks[:-1]:
+            x = block(x, attn_mask=mask)
+        last = blocks[-1]
+        y = last.ln_1(x)
+        x = x[:, -1:] + last.ls_1(last.attention(q_x=y[:, -1:], k_x=y, v_x=y))
+        x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        x = parts["ln_final"](x)[:, 0]
+    else:
+        x = parts["transformer"](x, attn_mask=mask)
+        x = parts["ln_final"](x)
+        x = x[torch.arange(x.shape[0], device=x.device), pooled_at]
     proj = parts["text_projection"]
     if proj is not None:
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
     return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Progress of a first-run encoding
+# --------------------------------------------------------------------------------------------------------------
+ProgressCallback = Callable[[int, int, str], None]
+_LOG = logging.getLogger("naclip.text")
+
+
+class _Progress:
+    """``with _Progress(setting, total, message) as report: report(n)`` for :class:`TextEncoder`'s ``progress``.
+
+    ``None``: the message and a tqdm bar on stderr when it is a terminal, else the message to the ``naclip.text``
+    logger (INFO); ``False`` / ``True``: silent / always the terminal form; a callable gets ``(done, total,
+    message)`` once before the first batch and after each.
+    """
+
+    def __init__(self, setting, total: int, message: str):
+        self.setting, self.total, self.message, self.done = setting, total, message, 0
+        self.bar = None
+
+    def __enter__(self):
+        if callable(self.setting) and not isinstance(self.setting, bool):
+            self.setting(0, self.total, self.message)
+        elif self.setting is True or (self.setting is None and sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            print(self.message, file=sys.stderr, flush=True)
+            self.bar = tqdm(total=self.total, desc="text", unit="prompt", file=sys.stderr, dynamic_ncols=True,
+                            leave=False)
+        elif self.setting is None:
+            _LOG.info(self.message)
+        return self._report
+
+    def _report(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif callable(self.setting) and not isinstance(self.setting, bool):
+            self.setting(self.done, self.total, self.message)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,8 +320,15 @@ class TextEncoder:
             encoder instance only.
         templates: prompt templates with one ``{}`` each (default: the 80 OpenAI ImageNet templates).
         cache_dir: disk cache directory (default :func:`default_cache_dir`); ``False`` disables the disk cache.
-        batch_size: prompts encoded per forward pass.
+        batch_size: prompts encoded per forward pass (at most).
         truncate: cut token sequences to the longest prompt (exact; see :func:`encode_tokens`).
+        group_by_length: batch prompts of equal token length together (with ``truncate``), so that no batch
+            carries padding and the last block runs on the pooled token only: about 1.4x less text-tower work for
+            the 80 templates than batching in prompt order. Exact up to floating-point summation order.
+        progress: how a first-run encoding reports itself. ``None`` (default): on a terminal, a message such as
+            ``encoding 56 class names x 80 prompt templates ...`` and a tqdm bar on stderr; elsewhere the message
+            goes to the ``naclip.text`` logger. ``False``: silent. A callable ``progress(done, total, message)``
+            is called with the prompts encoded so far (``0`` first, ``total`` last) and the same message.
 
     ``__call__(queries) -> [len(queries), D]`` float32, each row L2-normalised, on the model's device.
     ``encode_calls`` counts text-tower forward passes (0 on a full cache hit).
@@ -250,7 +336,8 @@ class TextEncoder:
 
     def __init__(self, model: nn.Module, tokenizer: Callable, model_name: str, weights_id: Optional[str],
                  templates: Optional[Sequence[str]] = None, cache_dir=None, batch_size: int = 256,
-                 truncate: bool = True):
+                 truncate: bool = True, group_by_length: bool = True,
+                 progress: Union[None, bool, ProgressCallback] = None):
         templates = tuple(OPENAI_IMAGENET_TEMPLATES if templates is None else templates)
         if not templates:
             raise ValueError("templates must not be empty")
@@ -264,8 +351,13 @@ class TextEncoder:
         self.model_name = model_name
         self.weights_id = weights_id
         self.templates = templates
+        if not (progress is None or isinstance(progress, bool) or callable(progress)):
+            raise TypeError(f"progress must be None, a bool or a callable(done, total, message), got "
+                            f"{type(progress).__name__}")
         self.batch_size = batch_size
         self.truncate = truncate
+        self.group_by_length = group_by_length
+        self.progress = progress
         if cache_dir is False or weights_id is None:
             self.cache_dir: Optional[Path] = None
         else:
@@ -314,18 +406,42 @@ class TextEncoder:
         except OSError:
             pass  # an unwritable cache dir only costs re-encoding next time
 
+    def _batches(self, tokens: torch.Tensor) -> List[torch.Tensor]:
+        """Prompt indices per forward pass: runs of equal pooled position (token length) when grouping applies,
+        each split into ``batch_size`` pieces; otherwise consecutive ``batch_size`` slices."""
+        parts = _text_parts(self.model) if self.truncate and self.group_by_length else None
+        n = tokens.shape[0]
+        if parts is None:
+            return [torch.arange(s, min(n, s + self.batch_size)) for s in range(0, n, self.batch_size)]
+        pooled_at = _pool_index(tokens, parts["pool_type"], parts["eos_id"])
+        batches = []
+        for length in torch.unique(pooled_at).tolist():
+            idx = torch.nonzero(pooled_at == length).flatten()
+            batches.extend(idx.split(self.batch_size))
+        return batches
+
+    def _message(self, queries: Sequence[str]) -> str:
+        where = ("first run; cached afterwards" if self.cache_dir is not None else
+                 "first use; kept in memory for this process")
+        return (f"encoding {len(queries)} class names x {len(self.templates)} prompt templates "
+                f"({len(queries) * len(self.templates)} prompts, {where})")
+
     @torch.no_grad()
     def encode(self, queries: Sequence[str]) -> torch.Tensor:
-        """Encode without any cache: ``[len(queries), D]`` float32, L2-normalised rows."""
+        """Encode without any cache: ``[len(queries), D]`` float32, L2-normalised rows (reports progress)."""
         device = self._device()
         prompts = [t.format(q) for q in queries for t in self.templates]
-        feats = []
-        for start in range(0, len(prompts), self.batch_size):
-            tokens = self.tokenizer(prompts[start:start + self.batch_size]).to(device)
-            f = encode_tokens(self.model, tokens, truncate=self.truncate).float()
-            self.encode_calls += 1
-            feats.append(F.normalize(f, dim=-1))
-        per_prompt = torch.cat(feats).view(len(queries), len(self.templates), -1)
+        tokens = self.tokenizer(prompts)
+        feats: Optional[torch.Tensor] = None
+        with _Progress(self.progress, len(prompts), self._message(queries)) as report:
+            for idx in self._batches(tokens):
+                f = encode_tokens(self.model, tokens[idx].to(device), truncate=self.truncate).float()
+                self.encode_calls += 1
+                if feats is None:
+                    feats = f.new_empty(len(prompts), f.shape[-1])
+                feats[idx.to(device)] = F.normalize(f, dim=-1)
+                report(len(idx))
+        per_prompt = feats.view(len(queries), len(self.templates), -1)
         return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
     def __call__(self, queries: Sequence[str]) -> torch.Tensor:

@@ -11,6 +11,7 @@ from naclip import text as nt  # noqa: E402
 from naclip.text import (OPENAI_IMAGENET_TEMPLATES, TextEncoder, default_cache_dir, encode_tokens,  # noqa: E402
                          parse_classes)
 from tests.naclip_helpers import tiny_clip  # noqa: E402
+from tests.tolerances import assert_close_to_reference  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,79 @@ def test_default_templates_are_the_80(tokenizer):
     enc = TextEncoder(model, tokenizer, "tiny", None, cache_dir=False, batch_size=1000)
     assert enc.templates == OPENAI_IMAGENET_TEMPLATES
     enc(["cat"])
-    assert enc.encode_calls == 1
+    lengths = {int(i) for i in tokenizer([t.format("cat") for t in OPENAI_IMAGENET_TEMPLATES]).argmax(dim=-1)}
+    assert enc.encode_calls == len(lengths)  # one forward pass per token length (batch_size is large)
+
+
+def _record_tokens(model):
+    """The (cut) token ids the token embedding sees, one entry per forward pass."""
+    seen = []
+    handle = model.token_embedding.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    return seen, handle
+
+
+@pytest.mark.parametrize("batch_size", [3, 256], ids=["batches_of_3", "one_batch_per_length"])
+def test_grouping_by_length_keeps_the_embeddings(tokenizer, batch_size):
+    """Prompts batched by token length (no padding, EOT-only last block) give the prompt-order embeddings."""
+    model = tiny_clip(seed=5)
+    queries = ["cat", "sofa", "potted plant", "tv monitor", "a very long class name with many words"]
+    kwargs = dict(templates=OPENAI_IMAGENET_TEMPLATES[:12], cache_dir=False, batch_size=batch_size, progress=False)
+    grouped = TextEncoder(model, tokenizer, "tiny", None, **kwargs)
+    assert nt._plain_blocks(model.transformer) is not None   # the last-position-only block is exercised
+    seen, handle = _record_tokens(model)
+    got = grouped.encode(queries)
+    handle.remove()
+    plain = TextEncoder(model, tokenizer, "tiny", None, group_by_length=False, **kwargs)
+    expected = plain.encode(queries)
+    assert_close_to_reference(got, expected, "text", "grouped", torch.float32)
+    # Every pass holds prompts of one length and is cut to it: each prompt's EOT is the last token, no padding.
+    assert len(seen) == grouped.encode_calls and all(len(ids) <= batch_size for ids in seen)
+    assert all(bool((ids.argmax(dim=-1) == ids.shape[1] - 1).all()) for ids in seen)
+    lengths = tokenizer([t.format(q) for q in queries for t in kwargs["templates"]]).argmax(dim=-1) + 1
+    assert sorted(ids.shape[1] for ids in seen for _ in range(len(ids))) == sorted(lengths.tolist())
+
+
+def test_eot_only_last_block_equals_full_context(tokenizer):
+    """A batch of one token length takes the last-position-only last block: same features as encode_text."""
+    model = tiny_clip(seed=6)
+    tokens = tokenizer(["a photo of a cat.", "a photo of a dog.", "a drawing of a sofa."])
+    assert len(set((tokens.argmax(dim=-1)).tolist())) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(encode_tokens(model, tokens), model.encode_text(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_progress_callback_message_and_counts(tokenizer):
+    model = tiny_clip(seed=7)
+    calls = []
+    enc = TextEncoder(model, tokenizer, "tiny", None, templates=OPENAI_IMAGENET_TEMPLATES[:10], batch_size=4,
+                      progress=lambda done, total, message: calls.append((done, total, message)))
+    enc(["cat", "sofa", "tv monitor"])
+    dones = [c[0] for c in calls]
+    assert dones[0] == 0 and dones[-1] == 30 and dones == sorted(dones) and len(calls) == enc.encode_calls + 1
+    assert {c[1] for c in calls} == {30}
+    assert calls[0][2] == ("encoding 3 class names x 10 prompt templates (30 prompts, first use; kept in memory "
+                           "for this process)")
+    enc(["cat", "sofa", "tv monitor"])   # cached: no second report
+    assert len(calls) == enc.encode_calls + 1
+
+
+def test_progress_default_logs_off_a_terminal_and_false_is_silent(tokenizer, tmp_path, caplog, capsys):
+    model = tiny_clip(seed=8)
+    templates = OPENAI_IMAGENET_TEMPLATES[:3]
+    with caplog.at_level("INFO", logger="naclip.text"):
+        TextEncoder(model, tokenizer, "tiny", "tag:test", templates=templates, cache_dir=tmp_path)(["cat"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "encoding 1 class names x 3 prompt templates (3 prompts, first run; cached afterwards)"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="naclip.text"):
+        TextEncoder(model, tokenizer, "tiny", None, templates=templates, progress=False)(["dog"])
+    assert not caplog.records
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_progress(tokenizer):
+    with pytest.raises(TypeError, match="progress"):
+        TextEncoder(tiny_clip(), tokenizer, "tiny", None, progress="yes")
 
 
 def test_disk_cache_second_run_encodes_nothing(tmp_path, tokenizer):
