@@ -464,7 +464,8 @@ def proxy_attention(feats: torch.Tensor, v: torch.Tensor, beta: float = 1.2, gam
         v: ``[B, H, M, D]`` values per head (``M`` on feats' grid, row-major); any strides.
         beta: mean-offset factor (ProxyCLIP: 1.2), any finite number.
         gamma: temperature (ProxyCLIP: 3.0), finite and > 0. No ``1/sqrt(d)`` scale.
-        backend: ``"auto" | "triton" | "torch" | "reference"`` (see :mod:`naclip_kernels._backend`).
+        backend: ``"auto" | "triton" | "torch" | "reference"`` (see :mod:`naclip_kernels._backend`); ``"auto"``
+            sends float64 CUDA tensors to the torch path.
 
     Returns:
         ``[B, H, M, D]`` contiguous, in the input dtype (float16, bfloat16, float32; float64 on the torch and
@@ -476,6 +477,8 @@ def proxy_attention(feats: torch.Tensor, v: torch.Tensor, beta: float = 1.2, gam
     """
     beta, gamma = check_proxy_attention_args(feats, v, beta, gamma)
     chosen = resolve_backend(backend, v.device, "proxy_attention")
+    if backend == "auto" and chosen == "triton" and v.dtype == torch.float64:
+        chosen = "torch"  # the kernel has no float64 specialisation; an explicit backend='triton' raises instead
     if chosen == "reference":
         # Plain Python on purpose, like the other ops' references: the oracle the registered op is tested against.
         return reference.proxy_attention(feats, v, beta, gamma)
