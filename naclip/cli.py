@@ -385,6 +385,37 @@ def announce_loaded(start: float, kwargs: Dict[str, Any], quiet: bool = False) -
               file=sys.stderr, flush=True)
 
 
+class _TextProgressLines:
+    """TextEncoder ``progress`` for logs and pipes (no bar there): one line when encoding starts, one when done."""
+
+    def __init__(self):
+        self.start: Optional[float] = None
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+            print(f"{PROG}: {message}...", file=sys.stderr, flush=True)
+        elif done >= total:
+            print(f"{PROG}: {total} prompts encoded in {time.perf_counter() - self.start:.1f} s", file=sys.stderr,
+                  flush=True)
+
+
+def encode_text_first(segmenter: Any, quiet: bool = False) -> None:
+    """Encode the class prompts before the first image, so that a first run's text encoding (VOC21's 56 names x 80
+    templates: tens of seconds on a CPU) is a step of its own with naclip.text's progress, not a silent wait inside
+    the first image with the image bar at 0. On a terminal: TextEncoder's message and bar; in logs and pipes: a
+    line when it starts and one when it is done; quiet: nothing. Segmenters without a text encoder (tests' fakes)
+    are left alone; cached embeddings cost nothing here."""
+    encoder = getattr(segmenter, "text_encoder", None)
+    if encoder is None or not hasattr(type(segmenter), "query_embeddings"):
+        return
+    if quiet:
+        encoder.progress = False
+    elif not sys.stderr.isatty():
+        encoder.progress = _TextProgressLines()
+    segmenter.query_embeddings  # noqa: B018 - the property computes (or loads) and keeps the embeddings
+
+
 def _resolve_device(device: Optional[str]) -> str:
     import torch
 
@@ -629,6 +660,7 @@ def _cmd_segment(args, factory) -> int:
         kwargs["classes"] = list(class_lines)
     segmenter = _build_segmenter(factory, preset_name, kwargs)
     announce_loaded(start, kwargs, args.quiet or not world.is_main)
+    encode_text_first(segmenter, args.quiet or not world.is_main)
 
     failed = len(input_errors) if world.is_main else 0
     done = 0
@@ -707,6 +739,7 @@ def _cmd_eval(args, factory) -> int:
     kwargs = _segmenter_kwargs(args)
     segmenter = _build_segmenter(factory, preset.name, kwargs)
     announce_loaded(start, kwargs, quiet_here)
+    encode_text_first(segmenter, quiet_here)
 
     cm = ConfusionMatrix(preset.num_classes, ignore_index=preset.ignore_index)
     failed, done = 0, 0

@@ -582,3 +582,35 @@ def test_under_torchrun_only_rank_0_says_what_loads(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert STATUS_LOADING not in err and STATUS_READY not in err and "only one class" not in err, err
     assert (tmp_path / "o" / "1_labels.png").exists()                  # the rank did its share
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["default", "quiet"])
+def test_text_encoding_is_its_own_step_before_the_images(tmp_path, capsys, quiet):
+    """A first run's text encoding happens right after the model is ready, with naclip.text's progress as lines on
+    a non-terminal stderr (tests' stderr is not a terminal), not inside the first image."""
+    from naclip.text import clear_memory_cache
+    from tests.test_server import tiny_segmenter
+
+    clear_memory_cache()
+    made = []
+
+    def factory(preset=None, **kwargs):
+        made.append(tiny_segmenter(classes=kwargs["classes"]))
+        return made[-1]
+
+    images = [str(_image(tmp_path / f"{i}.png", w=40, h=32)) for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["segment", *images, "--classes", "cat, sofa/couch", "--out", str(tmp_path / "o"),
+                     "--device", "cpu", "--pretrained", "none"] + (["-q"] if quiet else []),
+                    segmenter_factory=factory) == 0
+    lines = _stderr_lines(capsys)
+    assert made[0]._query_embeddings is not None
+    if quiet:
+        assert lines == [], lines
+        return
+    ready = next(i for i, line in enumerate(lines) if line.startswith(STATUS_READY))
+    assert lines[ready + 1] == ("naclip: encoding 3 class names x 80 prompt templates (240 prompts, first use; "
+                                "kept in memory for this process)...")
+    assert lines[ready + 2].startswith("naclip: 240 prompts encoded in ") and lines[ready + 3].startswith(
+        "naclip: segmented 2 of 2 image(s)")
