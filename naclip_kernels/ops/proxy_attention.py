@@ -338,7 +338,8 @@ def _proxy_attention_triton(feats, v, beta, gamma, *, config=None, autotune=None
 #   acc_j += slab^T @ [V_i | 1]                  row sums come out of the same product (no pass over the slab)
 #   out = acc[:, :HD] / acc[:, HD]               the normalisation fused into the copy to [H, M, D]
 # That is M^2 C + 2 M^2 H*D flops instead of the 2 M^2 C + 2 M^2 H*D of a row-block pass (0.75x of that at C = H*D
-# = 768), and half the exps. Accumulating tiles needs a fixed exp offset instead of a running max, which holds:
+# = 768), and half the exps. An off-diagonal tile whose every weight is masked (queries and keys in different
+# regions of a spatially coherent feature map) skips both P @ V products; the check is one pass over the slab. Accumulating tiles needs a fixed exp offset instead of a running max, which holds:
 # |S| <= 1, so gamma * S <= gamma and exp cannot overflow while gamma <= _EXP_SAFE_GAMMA; the diagonal (S_tt = 1 for
 # a non-zero token, 0 for a zero token, never masked) keeps every row sum >= 1 (exp(gamma * S) is the softmax
 # numerator up to the row-constant factor exp(-gamma * beta * mu), which the normalisation cancels). Larger gamma
@@ -426,6 +427,8 @@ def _proxy_attention_torch(feats: torch.Tensor, v: torch.Tensor, beta: float, ga
                     acc[i0:i1].addmm_(slab, v_aug[j0:j1])
                 else:
                     F.threshold_(slab, cut, 0.0)
+                    if not bool(slab.any()):  # fully masked (other regions of a coherent map): no P @ V at all
+                        continue
                     acc[i0:i1].addmm_(slab, v_aug[j0:j1])
                     acc[j0:j1].addmm_(slab.T, v_aug[i0:i1])                       # the mirrored tile
         sums = acc[:, hd]
