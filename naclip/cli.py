@@ -392,10 +392,10 @@ class _TextProgressLines:
         self.start: Optional[float] = None
 
     def __call__(self, done: int, total: int, message: str) -> None:
-        if self.start is None:
+        if done == 0:                    # called once before the first batch of every encoding
             self.start = time.perf_counter()
             print(f"{PROG}: {message}...", file=sys.stderr, flush=True)
-        elif done >= total:
+        elif done >= total and self.start is not None:
             print(f"{PROG}: {total} prompts encoded in {time.perf_counter() - self.start:.1f} s", file=sys.stderr,
                   flush=True)
 
@@ -406,14 +406,23 @@ def encode_text_first(segmenter: Any, quiet: bool = False) -> None:
     the first image with the image bar at 0. On a terminal: TextEncoder's message and bar; in logs and pipes: a
     line when it starts and one when it is done; quiet: nothing. Segmenters without a text encoder (tests' fakes)
     are left alone; cached embeddings cost nothing here."""
-    encoder = getattr(segmenter, "text_encoder", None)
-    if encoder is None or not hasattr(type(segmenter), "query_embeddings"):
+    if not hasattr(type(segmenter), "query_embeddings") or not show_text_progress(segmenter, quiet):
         return
+    segmenter.query_embeddings  # noqa: B018 - the property computes (or loads) and keeps the embeddings
+
+
+def show_text_progress(segmenter: Any, quiet: bool = False) -> bool:
+    """How the segmenter's text encoder reports a first-run encoding here: naclip.text's own message and bar on a
+    terminal, :class:`_TextProgressLines` in logs and pipes (it would log at INFO, which nobody sees), nothing when
+    quiet. False if the segmenter has no text encoder."""
+    encoder = getattr(segmenter, "text_encoder", None)
+    if encoder is None:
+        return False
     if quiet:
         encoder.progress = False
     elif not sys.stderr.isatty():
         encoder.progress = _TextProgressLines()
-    segmenter.query_embeddings  # noqa: B018 - the property computes (or loads) and keeps the embeddings
+    return True
 
 
 def _resolve_device(device: Optional[str]) -> str:

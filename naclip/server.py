@@ -595,7 +595,8 @@ def run_serve(args: argparse.Namespace, *, segmenter: Any = None) -> int:
     ``segmenter``: use this one instead of loading ``args.model`` (tests)."""
     from werkzeug.serving import make_server
 
-    from naclip.cli import UserError, announce_loaded, announce_loading, load_error_message, model_loading_kwargs
+    from naclip.cli import (UserError, announce_loaded, announce_loading, load_error_message, model_loading_kwargs,
+                            show_text_progress)
 
     try:
         config = ServerConfig(max_megapixels=args.max_megapixels, max_upload_mb=args.max_upload_mb,
@@ -623,6 +624,8 @@ def run_serve(args: argparse.Namespace, *, segmenter: Any = None) -> int:
             print(f"naclip serve: error: could not load the model: {load_error_message(exc)}", file=sys.stderr)
             return 2
         announce_loaded(t0, loading)
+        for one in segmenter.values() if isinstance(segmenter, dict) else (segmenter,):
+            show_text_progress(one)        # each new class list is encoded on its first request: say so in the log
     if isinstance(segmenter, dict):
         config.methods = method_choices(segmenter)
         vfm = segmenter["proxyclip"].head.vfm

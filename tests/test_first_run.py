@@ -614,3 +614,39 @@ def test_text_encoding_is_its_own_step_before_the_images(tmp_path, capsys, quiet
                                 "kept in memory for this process)...")
     assert lines[ready + 2].startswith("naclip: 240 prompts encoded in ") and lines[ready + 3].startswith(
         "naclip: segmented 2 of 2 image(s)")
+
+
+def test_text_progress_lines_report_every_encoding(capsys):
+    lines = cli._TextProgressLines()
+    for total in (4, 6):                      # e.g. two class lists in the web app, one after the other
+        for done in range(0, total + 1, 2):
+            lines(done, total, f"encoding {total} prompts")
+    err = _stderr_lines(capsys)
+    assert [line.split(" in ")[0] for line in err] == [
+        "naclip: encoding 4 prompts...", "naclip: 4 prompts encoded", "naclip: encoding 6 prompts...",
+        "naclip: 6 prompts encoded"]
+
+
+def test_serve_reports_text_encoding_in_its_log(monkeypatch, capsys):
+    from werkzeug import serving
+
+    from tests.test_server import tiny_segmenter
+
+    made = []
+    real_make_server = serving.make_server
+
+    def make_server(*args, **kwargs):
+        srv = real_make_server(*args, **kwargs)
+
+        def stop():
+            raise KeyboardInterrupt
+        srv.serve_forever = stop
+        return srv
+
+    monkeypatch.setattr(serving, "make_server", make_server)
+    monkeypatch.setattr(server, "build_segmenter", lambda args: made.append(tiny_segmenter()) or made[-1])
+    args = server.add_serve_arguments(cli._Parser()).parse_args(["--port", "0", "--device", "cpu"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert server.run_serve(args) == 0
+    assert isinstance(made[0].text_encoder.progress, cli._TextProgressLines)     # stderr here is not a terminal
