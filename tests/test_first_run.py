@@ -194,7 +194,8 @@ def test_segment_and_eval_say_what_loads_unless_quiet(tmp_path, capsys, quiet):
         assert eval_lines[0].startswith("naclip: loading ViT-B-16 with pretrained weights 'openai'")
 
 
-def test_serve_says_what_loads(monkeypatch, capsys):
+def _serve_stops_at_once(monkeypatch):
+    """naclip serve binds its port as usual, then stops as if Ctrl+C came at once."""
     from werkzeug import serving
 
     real_make_server = serving.make_server
@@ -208,6 +209,10 @@ def test_serve_says_what_loads(monkeypatch, capsys):
         return srv
 
     monkeypatch.setattr(serving, "make_server", make_server)
+
+
+def test_serve_says_what_loads(monkeypatch, capsys):
+    _serve_stops_at_once(monkeypatch)
     monkeypatch.setattr(server, "build_segmenter", lambda args: FakeSegmenter())
     args = server.add_serve_arguments(cli._Parser()).parse_args(["--port", "0", "--device", "cpu"])
     assert server.run_serve(args) == 0
@@ -628,22 +633,10 @@ def test_text_progress_lines_report_every_encoding(capsys):
 
 
 def test_serve_reports_text_encoding_in_its_log(monkeypatch, capsys):
-    from werkzeug import serving
-
     from tests.test_server import tiny_segmenter
 
     made = []
-    real_make_server = serving.make_server
-
-    def make_server(*args, **kwargs):
-        srv = real_make_server(*args, **kwargs)
-
-        def stop():
-            raise KeyboardInterrupt
-        srv.serve_forever = stop
-        return srv
-
-    monkeypatch.setattr(serving, "make_server", make_server)
+    _serve_stops_at_once(monkeypatch)
     monkeypatch.setattr(server, "build_segmenter", lambda args: made.append(tiny_segmenter()) or made[-1])
     args = server.add_serve_arguments(cli._Parser()).parse_args(["--port", "0", "--device", "cpu"])
     with warnings.catch_warnings():
