@@ -7,7 +7,8 @@ timing does not depend on the weights) on two workloads from NACLIP's benchmarks
 * ``cityscapes``: a Cityscapes-like 560x1120 image, 224/112 slide inference (36 windows), 19 queries, PAMR on.
 
 =============  ==============================================================================================
-``fast``       ``backend="auto"`` (Triton on CUDA, our torch paths on CPU), ``window_batch_size=16``
+``fast``       ``backend="auto"`` (Triton on CUDA, our torch paths on CPU), the segmenter's per-device
+               ``window_batch_size`` (16 windows per pass on CUDA, 1 on CPU; ``--window-batch-size`` overrides)
 ``reference``  ``backend="reference"`` (eager attention + original PAMR) with ``window_batch_size=1``: NACLIP's
                one-window-at-a-time loop
 =============  ==============================================================================================
@@ -148,7 +149,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     cli_args.add_common_args(parser)
     parser.add_argument("--workloads", default=None, help="comma-separated subset of: " + ", ".join(WORKLOADS))
     parser.add_argument("--model", default=None, help=f"open_clip model name (default {MODEL})")
-    parser.add_argument("--window-batch-size", type=int, default=16, help="windows per forward pass for 'fast'")
+    parser.add_argument("--window-batch-size", type=int, default=None,
+                        help="windows per forward pass for 'fast' (default: the segmenter's per-device default, "
+                             "16 on CUDA, 1 on CPU)")
     return parser
 
 
@@ -164,6 +167,10 @@ def run(args) -> Dict[str, Any]:
     if args.workloads:
         workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
     model = args.model or (QUICK_MODEL if args.quick else MODEL)
+    if args.window_batch_size is None:
+        from naclip.segmenter import default_window_batch_size
+
+        args.window_batch_size = default_window_batch_size(args.device)
     config = {"model": model, "pretrained": None, "workloads": {k: list(map(str, v)) for k, v in workloads.items()},
               "providers": providers, "fast_window_batch_size": args.window_batch_size,
               "reference_window_batch_size": 1, "pamr": {"num_iter": 10, "dilations": [8, 16]},

@@ -175,6 +175,17 @@ def test_window_batch_size_does_not_change_logits():
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_window_batch_size_default_is_per_device():
+    """None picks one window per pass on CPU (batching does not speed the CPU up) and 16 on CUDA;
+    an explicit value is kept."""
+    from naclip.segmenter import default_window_batch_size
+
+    assert default_window_batch_size("cpu") == 1 and default_window_batch_size(torch.device("cpu")) == 1
+    assert default_window_batch_size("cuda") == 16 and default_window_batch_size("cuda:1") == 16
+    assert tiny_segmenter().window_batch_size == 1
+    assert tiny_segmenter(window_batch_size=5).window_batch_size == 5
+
+
 def test_sliding_windows_cover_and_average(monkeypatch):
     """With constant per-window logits equal to the window index, each pixel's logit must be the mean index of
     the windows covering it, windows clamped to the border (NACLIP / mmseg slide_inference)."""
