@@ -146,8 +146,12 @@ def add_floors(doc: Dict[str, Any]) -> None:
 
     ``floor_fma_s`` = the propagation's multiply-adds (:func:`pamr_flops`) at the measured matmul rate (the
     machine's fused multiply-add throughput), ``floor_copy_s`` = the compulsory traffic (:func:`pamr_bytes`) at the
-    measured copy bandwidth, ``floor_s`` = the larger, ``x_floor`` = median / floor.
+    measured copy bandwidth, ``floor_s`` = the larger, ``x_floor`` = median / floor. CPU runs only: on CUDA the
+    measured matmul is float16 on tensor cores, not the sweeps' float32 rate, and the datasheet-peak floor columns
+    of :func:`bench.sweep.add_derived` apply instead.
     """
+    if str(doc["machine"].get("device", "cpu")).startswith("cuda"):
+        return
     rates = doc.get("reference_rates", {})
     matmul, copy = rates.get("matmul", {}).get("gflops"), rates.get("copy", {}).get("gbps")
     for r in doc["rows"]:

@@ -97,6 +97,12 @@ def render(doc: Dict[str, Any], bench: str) -> str:
                 lines.append(f"| {r['workload']} {r['image']} | {r['provider']} | {r['images_per_s']:.3f} | "
                              f"{segment._text_cell(r)} |")
         out += lines + [""]
+    if bench == "pamr":
+        from bench import pamr
+
+        floors = pamr.floors_markdown(doc)
+        if floors:
+            out += [floors, ""]
     notes = skipped_notes(doc)
     if notes:
         out += ["Rows not measured:", "", notes, ""]

@@ -180,3 +180,21 @@ def test_gpu_report_estimate_is_labelled():
     assert r["flops"] == pytest.approx(4 * 4097**2 * 64 * 12)
     assert r["floor_s"] == pytest.approx(max(r["compute_s"], r["bytes_s"], r["sfu_s"]))
     assert "ESTIMATE" in gpu_report.markdown(doc)
+
+
+def test_pamr_floors_are_the_larger_of_fma_and_traffic_and_cpu_only():
+    from bench import pamr
+
+    row = {"provider": "torch", "status": "ok", "image": "8x8", "classes": 2, "dtype": "float32", "median_s": 0.5,
+           "flops": 2e9, "bytes": 4e9}
+    doc = {"machine": {"device": "cpu"}, "reference_rates": {"matmul": {"gflops": 10.0}, "copy": {"gbps": 2.0}},
+           "rows": [dict(row), dict(row, provider="reference", status="skipped")]}
+    pamr.add_floors(doc)
+    r = doc["rows"][0]
+    assert r["floor_fma_s"] == pytest.approx(0.2) and r["floor_copy_s"] == pytest.approx(2.0)
+    assert r["floor_s"] == pytest.approx(2.0) and r["x_floor"] == pytest.approx(0.25)
+    assert "floor_s" not in doc["rows"][1]
+    assert "| 8x8 | 2 | float32 | torch | 500 ms | 200 ms | 2.00 s | 0.2x |" in pamr.floors_markdown(doc)
+    cuda = dict(doc, machine={"device": "cuda"}, rows=[dict(row)])
+    pamr.add_floors(cuda)
+    assert "floor_s" not in cuda["rows"][0] and pamr.floors_markdown(cuda) == ""
