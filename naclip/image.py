@@ -122,10 +122,12 @@ def to_tensor(image: Any, arg: str = "image") -> torch.Tensor:
         if arr.shape[0] < 1 or arr.shape[1] < 1:
             raise ValueError(f"{arg}: empty image of shape {arr.shape}")
         arr = arr[:, :, :3]
+        # astype copies: the caller's array may be read-only (np.asarray of a PIL image is), which torch.from_numpy
+        # warns about, and is never written through.
         if arr.dtype == np.uint8:
-            return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+            return torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1).div_(255.0)
         if np.issubdtype(arr.dtype, np.floating):
-            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1).contiguous()
+            return torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1).contiguous()
         raise TypeError(f"{arg}: array image dtype must be uint8 or floating, got {arr.dtype}")
     raise TypeError(f"{arg}: expected a PIL image, an [H, W, 3] uint8 array, a [3, H, W] tensor or a file path, "
                     f"got {type(image).__name__}")

@@ -416,3 +416,15 @@ def test_triton_kernels_through_the_segmenter(pamr):
     torch.testing.assert_close(fast.logits, ref.logits, atol=t.atol, rtol=t.rtol,
                                msg=lambda m: f"{m} [tolerance: {t.reason}]")
     assert _agreement(fast, ref) >= 0.999
+
+
+def test_read_only_array_images_convert_without_a_warning():
+    """np.asarray(PIL image) is read-only; converting it must neither warn nor alias the caller's memory."""
+    photo = np.asarray(load_image(ASSETS / "cat.jpg"))
+    assert not photo.flags.writeable
+    for arr in (photo, photo.astype(np.float32) / 255):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tensor = to_tensor(arr)
+        assert tensor.shape == (3, *photo.shape[:2])
+        torch.testing.assert_close(tensor[:, 0, 0] * 255, torch.from_numpy(photo[0, 0].astype(np.float32)))
