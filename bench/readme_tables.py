@@ -1,6 +1,6 @@
 """Render the README's performance tables from the results JSON: ``python -m bench.readme_tables [options]``.
 
-Reads ``bench/results/{attention,pamr,segment}_{cpu,cuda}.json`` (``--quick`` for the ``*_quick.json`` smoke files,
+Reads ``bench/results/{attention,pamr,segment,proxy,proxy_segment}_{cpu,cuda}.json`` (``--quick`` for the ``*_quick.json`` smoke files,
 ``--dir`` for another directory) and prints compact pivot tables (one line per size, one column per provider:
 median time, speedup over the eager reference of the same run, and peak memory), each with the machine line it
 was measured on. Paste the output between the README's performance markers. Where no CUDA results exist it says
@@ -20,6 +20,8 @@ ATTENTION_PROVIDERS = [("eager", "eager (bias cached)"), ("eager_first", "eager,
                        ("flex_eager", "FlexAttention (eager)"), ("torch", "ours: torch"), ("triton", "ours: Triton")]
 PAMR_PROVIDERS = [("reference", "reference (original)"), ("torch", "ours: torch"), ("triton", "ours: Triton")]
 SEGMENT_PROVIDERS = [("reference", "reference (eager, 1 window at a time)"), ("fast", "all fast paths")]
+PROXY_SEGMENT_PROVIDERS = [("reference", "reference (eager proxy attention, 1 window at a time)"),
+                           ("fast", "all fast paths")]
 
 
 def _cell_time(r: Optional[Dict[str, Any]]) -> str:
@@ -69,7 +71,32 @@ def skipped_notes(doc: Dict[str, Any]) -> str:
     return "\n".join(f"- {k}: {', '.join(v)}" for k, v in reasons.items())
 
 
+def render_proxy(doc: Dict[str, Any]) -> str:
+    """Proxy attention: the acceptance view (speedup, memory share and time against the floor per row)."""
+    from bench import proxy
+
+    cfg = doc.get("config", {})
+    out = [f"#### Proxy attention (ProxyCLIP; {cfg.get('heads', 12)} heads x {cfg.get('head_dim', 64)}, one weight "
+           "matrix shared by all heads)", "", f"_{tables.header_markdown(doc)}_", ""]
+    rate = doc.get("reference_rates", {}).get("matmul", {}).get("gflops")
+    if rate:
+        out += [f"Floor: 2 M^2 C + 2 M^2 H D flops at the {rate:.0f} GFLOP/s matmul rate measured in the same run. "
+                "`original` is ProxyCLIP's eager maths (einsum, mask, repeat over heads, softmax, bmm): it is the "
+                "row every speedup and memory share is taken against.", ""]
+    out += [proxy.summary_markdown(doc), ""]
+    originals = [r for r in doc["rows"] if r.get("provider") == "original" and r.get("status") == "ok"]
+    if originals:
+        out += ["| case | M | C | features | original: median | original: extra peak memory |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['case']} | {r['M']} | {r['channels']} | {r['features']} | {tables.fmt_time(r['median_s'])} | "
+                f"{tables.fmt_mb(r.get('peak_mb'))} |" for r in originals]
+        out.append("")
+    return "\n".join(out)
+
+
 def render(doc: Dict[str, Any], bench: str) -> str:
+    if bench == "proxy":
+        notes = skipped_notes(doc)
+        return render_proxy(doc) + (f"\nRows not measured:\n\n{notes}\n" if notes else "")
     if bench == "attention":
         size_cols = [("case", lambda r: r["case"]), ("grid", lambda r: r["grid"]), ("N", lambda r: r["n_tokens"])]
         providers = ATTENTION_PROVIDERS
@@ -78,6 +105,12 @@ def render(doc: Dict[str, Any], bench: str) -> str:
         size_cols = [("image", lambda r: r["image"]), ("queries", lambda r: r["classes"])]
         providers = PAMR_PROVIDERS
         title = "PAMR (10 iterations, dilations (8, 16))"
+    elif bench == "proxy_segment":
+        cfg = doc.get("config", {})
+        size_cols = [("workload", lambda r: f"{r['workload']} {r['image']}"), ("queries", lambda r: r["queries"])]
+        providers = PROXY_SEGMENT_PROVIDERS
+        title = (f"Whole ProxyCLIP segmenter ({cfg.get('model', 'ViT-B-16')} + {cfg.get('vfm', 'dino_vitb8')}, "
+                 f"random weights, no PAMR; fast: {cfg.get('fast_window_batch_size')} window(s) per pass)")
     else:
         size_cols = [("workload", lambda r: f"{r['workload']} {r['image']}"), ("queries", lambda r: r["queries"])]
         providers = SEGMENT_PROVIDERS
@@ -90,7 +123,7 @@ def render(doc: Dict[str, Any], bench: str) -> str:
                 pivot(sub, size_cols, providers, _cell_time), "",
                 f"{dtype}: peak memory over the inputs (see 'How memory is measured')", "",
                 pivot(sub, size_cols, providers, _cell_mem), ""]
-    if bench == "segment":
+    if bench in ("segment", "proxy_segment"):
         lines = ["| workload | provider | images/s | first-run text encoding (not in the timings) |", "|---|---|---|---|"]
         for r in doc["rows"]:
             if r.get("status") == "ok":
@@ -114,7 +147,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=results_io.RESULTS_DIR)
     parser.add_argument("--quick", action="store_true", help="render the *_quick.json smoke results")
-    parser.add_argument("--benches", default="attention,pamr,segment")
+    parser.add_argument("--benches", default="attention,pamr,segment,proxy,proxy_segment")
     args = parser.parse_args(argv)
     found_cuda = False
     for bench in args.benches.split(","):
