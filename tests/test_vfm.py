@@ -138,6 +138,8 @@ class _Evil:
         return (print, ("pickled code ran",))
 
 
+# torch's weights-only unpickler warns about the protocol of the (deliberately hostile) pickle before refusing it.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as fh:
