@@ -31,6 +31,28 @@ def run_python(code: str, *, triton_interpreter: bool = False) -> subprocess.Com
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
+def stub_autotuner_benchmark(monkeypatch, tuner) -> list:
+    """Let ``tuner`` (a ``triton.autotune`` object) run its whole launch path under the interpreter.
+
+    Triton's benchmarker needs an active GPU driver, so it is replaced by a stub that still runs each candidate
+    once (interpreted, as the benchmarker would) and reports made-up timings that make the LAST candidate win.
+    Caching across calls and runs is off, so the test sees pruning and benchmarking happen. Returns the list the
+    stub appends each benchmarked candidate to.
+    """
+    candidates: list = []
+
+    def fake_do_bench(kernel_call, quantiles=None, **kwargs):
+        kernel_call()
+        candidates.append(kernel_call)
+        return [1.0 / len(candidates)] * 3
+
+    # do_bench is a cached_property that asks for the driver: shadow it in the instance dict instead.
+    monkeypatch.setitem(tuner.__dict__, "do_bench", fake_do_bench)
+    monkeypatch.setattr(tuner, "cache_results", False, raising=False)  # no disk cache between test runs
+    monkeypatch.setattr(tuner, "cache", {})
+    return candidates
+
+
 @pytest.fixture
 def rng(request) -> torch.Generator:
     """A generator seeded from the test id: fresh inputs for every test, the same inputs on every run.

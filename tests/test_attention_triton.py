@@ -14,7 +14,7 @@ import naclip_kernels as nk
 from naclip_kernels import reference
 from naclip_kernels._alloc import poison_outputs
 from naclip_kernels.ops import neighbour_attention as na_mod
-from tests.conftest import requires_triton_interpreter, run_python
+from tests.conftest import requires_triton_interpreter, run_python, stub_autotuner_benchmark
 from tests.tolerances import assert_close_to_reference
 
 pytestmark = requires_triton_interpreter
@@ -221,25 +221,13 @@ def test_autotune_pruning_keeps_default(dtype, block_d, csa, has_bias):
 # ---------------------------------------------------------------------------------------------------------------
 # The autotuner path a GPU user's first call takes: triton.autotune -> early prune -> heuristics -> launch.
 # Under the interpreter the launcher normally runs the default config directly; here autotune=True forces the
-# tuned kernel, and Triton's benchmarking is replaced by a stub that still runs every candidate (so each pruned
-# config executes once) and reports made-up timings that make the LAST candidate win.
+# tuned kernel, and Triton's benchmarking is stubbed (tests.conftest.stub_autotuner_benchmark).
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("sigma", [5.0, None], ids=["bias", "nobias"])
 def test_autotuner_launch_path_prunes_benchmarks_and_runs(rng, monkeypatch, dtype, sigma):
     tuner = na_mod._neighbour_attention_fwd_tuned
-    candidates = []
-
-    def fake_do_bench(kernel_call, quantiles=None, **kwargs):
-        kernel_call()  # the candidate really runs (interpreted), as Triton's benchmarker would run it
-        candidates.append(kernel_call)
-        rank = len(candidates)
-        return [1.0 / rank, 1.0 / rank, 1.0 / rank]
-
-    # do_bench is a cached_property that asks for an active GPU driver: shadow it in the instance dict instead.
-    monkeypatch.setitem(tuner.__dict__, "do_bench", fake_do_bench)
-    monkeypatch.setattr(tuner, "cache_results", False, raising=False)  # no disk cache between test runs
-    monkeypatch.setattr(tuner, "cache", {})
+    candidates = stub_autotuner_benchmark(monkeypatch, tuner)
     q, k, v = _inputs(rng, 1, 2, 1 + 4 * 5, 32, dtype)
     with poison_outputs():
         out = na_mod._neighbour_attention_triton(q, k, v, 4, 5, sigma, 1, "kk", 32 ** -0.5, autotune=True)

@@ -12,7 +12,7 @@ import naclip_kernels as nk
 from naclip_kernels import reference
 from naclip_kernels._alloc import poison_outputs
 from naclip_kernels.ops import proxy_attention as proxy_op
-from tests.conftest import requires_triton_interpreter, run_python
+from tests.conftest import requires_triton_interpreter, run_python, stub_autotuner_benchmark
 from tests.proxy_helpers import proxy_inputs
 from tests.tolerances import assert_close_to_reference
 
@@ -110,16 +110,7 @@ def test_autotune_path(rng, monkeypatch):
     H*D, benchmark, launch. Triton's benchmarker needs a GPU driver, so a stub runs each candidate once (really,
     interpreted) and makes the last one win."""
     tuner = proxy_op._proxy_attention_fwd_tuned
-    ran = []
-
-    def fake_do_bench(kernel_call, quantiles=None, **kwargs):
-        kernel_call()
-        ran.append(kernel_call)
-        return [1.0 / len(ran)] * 3
-
-    monkeypatch.setitem(tuner.__dict__, "do_bench", fake_do_bench)  # a cached_property on the instance
-    monkeypatch.setattr(tuner, "cache_results", False, raising=False)
-    monkeypatch.setattr(tuner, "cache", {})
+    ran = stub_autotuner_benchmark(monkeypatch, tuner)
     feats, v = proxy_inputs(rng, 1, 2, 24, 16, 160, torch.float16, regions=2)  # H*D = 320: 2 chunks of 128
     _check(feats, v, autotune=True)
     allowed = [proxy_op._specialise(base, 320) for base in proxy_op._HALF_TUNE]
