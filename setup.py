@@ -1,4 +1,5 @@
 """naclip-kernels: fused Triton kernels for training-free open-vocabulary segmentation with CLIP."""
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -30,7 +31,8 @@ extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
 setup(
     name="naclip-kernels",
-    version="0.1.0",
+    version=re.search(r'^__version__ = "([^"]+)"', (HERE / "naclip_kernels" / "__init__.py").read_text(encoding="utf-8"),
+                      re.M).group(1),
     description="Fused Triton kernels (neighbour-aware attention, PAMR) and a NACLIP open-vocabulary segmenter",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -252,7 +252,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def version_text() -> str:
-    """``naclip 0.1.0 (torch 2.14.1, triton 3.8.0, open_clip 3.3.0, Python 3.11.7)``, from the installed packages'
+    """``naclip 0.2.0 (torch 2.14.1, triton 3.8.0, open_clip 3.3.0, Python 3.11.7)``, from the installed packages'
     metadata: nothing is imported, so it is instant and works even when torch itself is broken."""
     from importlib import metadata
 

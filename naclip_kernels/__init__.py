@@ -18,7 +18,7 @@ from naclip_kernels.ops.neighbour_attention import neighbour_attention
 from naclip_kernels.ops.pamr import pamr
 from naclip_kernels.ops.proxy_attention import proxy_attention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BACKENDS",
