@@ -200,7 +200,7 @@ def add_floor(doc: Dict[str, Any]) -> None:
             r["floor_matmul_s"] = r["flops"] / (rate * 1e9)
             r["x_floor"] = r["median_s"] / r["floor_matmul_s"]
         base = original.get((r.get("case"), r.get("features"), r.get("dtype")))
-        if base and base.get("peak_mb") and r.get("peak_mb") is not None:
+        if base and base.get("peak_mb") and r.get("peak_mb") is not None:  # a 0 MB baseline has no ratio
             r["mem_vs_original"] = r["peak_mb"] / base["peak_mb"]
 
 

@@ -35,7 +35,10 @@ def run(commands):
     with process_group("cpu"):
         for i, argv in enumerate(commands):
             statuses.append(main(argv, segmenter_factory=factory))
-            print(f"naclip-rc {i} {statuses[-1]}", flush=True)
+            # One write per line: under PYTHONUNBUFFERED (CI) print() writes the text and the newline separately,
+            # and the other rank's output can land between them on the shared pipe.
+            sys.stdout.write(f"naclip-rc {i} {statuses[-1]}\n")
+            sys.stdout.flush()
     return max(statuses)
 
 

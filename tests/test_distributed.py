@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -95,11 +96,11 @@ def two_ranks(tmp_path_factory):
 
 def _statuses(proc):
     """``{command index: [exit status of each rank]}`` from the runner's ``naclip-rc`` lines."""
+    # Searched, not split by line: the ranks share one stdout pipe, so a rank's line can land inside another's
+    # unfinished one (seen once in a fresh-clone CI run).
     found = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("naclip-rc "):
-            _, index, status = line.split()
-            found.setdefault(int(index), []).append(int(status))
+    for index, status in re.findall(r"naclip-rc (\d+) (\d+)", proc.stdout):
+        found.setdefault(int(index), []).append(int(status))
     return found
 
 
