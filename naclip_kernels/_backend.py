@@ -41,12 +41,16 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"the Triton backend does not support device type {device.type!r}; use backend='torch'"
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> str:
-    """Validate ``backend`` and turn ``"auto"`` into a concrete backend for tensors on ``device``."""
+def resolve_backend(backend: str, device: torch.device, op: str, auto_avoids_triton: str | None = None) -> str:
+    """Validate ``backend`` and turn ``"auto"`` into a concrete backend for tensors on ``device``.
+
+    ``auto_avoids_triton``: why the Triton kernel cannot take these particular inputs (e.g. float64), if it cannot;
+    ``"auto"`` then picks the torch path. An explicit ``backend="triton"`` is not redirected: the op reports it.
+    """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and HAS_TRITON and not interpreter_enabled():
+        if device.type == "cuda" and HAS_TRITON and not interpreter_enabled() and auto_avoids_triton is None:
             return "triton"
         return "torch"
     if backend == "triton":

@@ -92,6 +92,21 @@ def test_auto_picks_triton_for_cuda_tensors_when_compiled_mode():
     assert resolve_backend("auto", torch.device("cuda"), "op") == expected
 
 
+def test_auto_avoids_triton_for_inputs_the_kernel_cannot_take():
+    """A per-input reason (e.g. float64) sends auto to the torch path on CUDA; an explicit 'triton' is left to the op.
+
+    In a process without the interpreter, where auto would pick Triton for CUDA tensors (no GPU is needed to ask).
+    """
+    proc = run_python(
+        "import torch\n"
+        "from naclip_kernels._backend import resolve_backend\n"
+        "cuda = torch.device('cuda')\n"
+        "print(resolve_backend('auto', cuda, 'op'), resolve_backend('auto', cuda, 'op', auto_avoids_triton='fp64'),\n"
+        "      resolve_backend('triton', cuda, 'op', auto_avoids_triton='fp64'))\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["triton", "torch", "triton"]
+
+
 def test_import_without_triton_and_open_clip():
     """``import naclip_kernels`` works on a laptop without Triton or open_clip, and the torch path still runs."""
     code = (

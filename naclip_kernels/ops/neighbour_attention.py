@@ -501,7 +501,9 @@ def neighbour_attention(q: Optional[torch.Tensor], k: torch.Tensor, v: torch.Ten
     PyTorch with its own autograd.
     """
     h, w, sigma, prefix_tokens, scale = check_attention_args(q, k, v, grid, sigma, prefix_tokens, similarity, scale)
-    chosen = resolve_backend(backend, k.device, "neighbour_attention")
+    # The kernel has no float64 specialisation: auto takes the torch path, an explicit backend='triton' raises.
+    chosen = resolve_backend(backend, k.device, "neighbour_attention",
+                             auto_avoids_triton="float64 inputs" if k.dtype == torch.float64 else None)
     if chosen == "reference":
         # The eager ground truth stays plain Python: it is the oracle the registered op is tested against, and it
         # is made of aten ops that torch.compile/export trace and autograd differentiates as they are.

@@ -485,17 +485,14 @@ def pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int = 10, dilations:
     forward and ``~num_iter`` mask-sized saved tensors. ``"reference"`` is plain eager PyTorch with its own autograd.
     """
     num_iter, dilations = check_pamr_args(image, mask, num_iter, dilations)
-    chosen = resolve_backend(backend, mask.device, "pamr")
     triton_reason = None
     if mask.dtype == torch.float64:
         triton_reason = "the Triton kernels take float32/float16/bfloat16 masks, not float64"
     elif len(dilations) > _MAX_DILATIONS:
         triton_reason = f"the Triton kernels take at most {_MAX_DILATIONS} dilations, got {len(dilations)}"
+    chosen = resolve_backend(backend, mask.device, "pamr", auto_avoids_triton=triton_reason)
     if chosen == "triton" and triton_reason is not None:
-        if backend == "auto":
-            chosen = "torch"
-        else:
-            raise BackendUnavailableError(f"pamr: backend='triton' cannot run: {triton_reason}; use backend='torch'")
+        raise BackendUnavailableError(f"pamr: backend='triton' cannot run: {triton_reason}; use backend='torch'")
     if chosen == "reference":
         # Plain Python on purpose, like reference.neighbour_attention: the oracle the registered op is tested
         # against, made of aten ops that compile/export trace and autograd differentiates as they are.

@@ -491,9 +491,9 @@ def proxy_attention(feats: torch.Tensor, v: torch.Tensor, beta: float = 1.2, gam
         BackendUnavailableError: an explicit backend that cannot run here.
     """
     beta, gamma = check_proxy_attention_args(feats, v, beta, gamma)
-    chosen = resolve_backend(backend, v.device, "proxy_attention")
-    if backend == "auto" and chosen == "triton" and v.dtype == torch.float64:
-        chosen = "torch"  # the kernel has no float64 specialisation; an explicit backend='triton' raises instead
+    # The kernel has no float64 specialisation: auto takes the torch path, an explicit backend='triton' raises.
+    chosen = resolve_backend(backend, v.device, "proxy_attention",
+                             auto_avoids_triton="float64 inputs" if v.dtype == torch.float64 else None)
     if chosen == "reference":
         # Plain Python on purpose, like the other ops' references: the oracle the registered op is tested against.
         return reference.proxy_attention(feats, v, beta, gamma)
