@@ -39,7 +39,8 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["naclip_kernels", "naclip_kernels.*", "naclip", "naclip.*"]),
-    package_data={"naclip": ["assets/*", "static/*", "templates/*"]},
+    # The C sources of the compiled CPU kernels are built on the user's machine (naclip_kernels/native.py).
+    package_data={"naclip": ["assets/*", "static/*", "templates/*"], "naclip_kernels": ["csrc/*.c"]},
     install_requires=[TORCH, TRITON, "numpy>=1.24,<3"],
     extras_require=extras,
     entry_points={"console_scripts": ["naclip=naclip.cli:main"]},

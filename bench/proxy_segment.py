@@ -10,7 +10,7 @@ logit scale 40), on two workloads:
 
 =============  ==============================================================================================
 ``fast``       ``backend="auto"`` (Triton on CUDA, our torch path on CPU), the segmenter's default window
-               batching (16 windows per pass on CUDA, 1 on CPU; ``--window-batch-size`` overrides): CLIP and
+               batching (16 windows per pass on CUDA, 4 on CPU; ``--window-batch-size`` overrides): CLIP and
                the VFM run on the same batch of windows
 ``reference``  ``backend="reference"`` (the eager proxy attention with its ``M x M`` weights) with
                ``window_batch_size=1``: the original's one-window-at-a-time loop

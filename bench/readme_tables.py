@@ -19,7 +19,8 @@ ATTENTION_PROVIDERS = [("eager", "eager (bias cached)"), ("eager_first", "eager,
                        ("sdpa", "SDPA + bias mask"), ("flex", "FlexAttention (compiled)"),
                        ("flex_eager", "FlexAttention (eager)"), ("torch", "ours: torch"), ("triton", "ours: Triton")]
 PAMR_PROVIDERS = [("reference", "reference (original)"), ("torch", "ours: torch"), ("triton", "ours: Triton")]
-SEGMENT_PROVIDERS = [("reference", "reference (eager, 1 window at a time)"), ("fast", "all fast paths")]
+SEGMENT_PROVIDERS = [("reference", "reference (eager, 1 window at a time)"), ("fast", "all fast paths"),
+                     ("fast_one_window", "all fast paths, 1 window at a time")]
 PROXY_SEGMENT_PROVIDERS = [("reference", "reference (eager proxy attention, 1 window at a time)"),
                            ("fast", "all fast paths")]
 

@@ -6,12 +6,15 @@ timing does not depend on the weights) on two workloads from NACLIP's benchmarks
 * ``voc``: a VOC-like 336x448 image, whole-image inference (no sliding window), the 56 queries of VOC21, PAMR on;
 * ``cityscapes``: a Cityscapes-like 560x1120 image, 224/112 slide inference (36 windows), 19 queries, PAMR on.
 
-=============  ==============================================================================================
-``fast``       ``backend="auto"`` (Triton on CUDA, our torch paths on CPU), the segmenter's per-device
-               ``window_batch_size`` (16 windows per pass on CUDA, 1 on CPU; ``--window-batch-size`` overrides)
-``reference``  ``backend="reference"`` (eager attention + original PAMR) with ``window_batch_size=1``: NACLIP's
-               one-window-at-a-time loop
-=============  ==============================================================================================
+===================  ========================================================================================
+``fast``             ``backend="auto"`` (Triton on CUDA, our torch paths on CPU), the segmenter's per-device
+                     ``window_batch_size`` (16 windows per pass on CUDA, 4 on CPU; ``--window-batch-size``
+                     overrides)
+``fast_one_window``  the same with ``window_batch_size=1``: shows whether the per-device batch beats one window
+                     per pass
+``reference``        ``backend="reference"`` (eager attention + original PAMR) with ``window_batch_size=1``:
+                     NACLIP's one-window-at-a-time loop
+===================  ========================================================================================
 
 Text embeddings (56 / 19 queries x 80 templates) are computed once per row before timing, with the disk cache off;
 their first-run encoding time is reported separately (``text_encode_s``), as is model construction (``init_s``).
@@ -30,7 +33,7 @@ from bench import cli_args, machine, memory, results_io, stats, sweep, tables, t
 from bench.isolation import Unavailable
 
 TARGET = "bench.segment:run_one"
-PROVIDERS = ["reference", "fast"]
+PROVIDERS = ["reference", "fast", "fast_one_window"]
 WORKLOADS = {
     # name: (height, width, slide, short_side, preset for the class list, queries)
     "voc": (336, 448, None, 336, "voc21", 56),
@@ -151,7 +154,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--model", default=None, help=f"open_clip model name (default {MODEL})")
     parser.add_argument("--window-batch-size", type=int, default=None,
                         help="windows per forward pass for 'fast' (default: the segmenter's per-device default, "
-                             "16 on CUDA, 1 on CPU)")
+                             "16 on CUDA, 4 on CPU)")
     return parser
 
 
@@ -162,7 +165,7 @@ def main(argv=None) -> Dict[str, Any]:
 def run(args) -> Dict[str, Any]:
     cli_args.finalize_args(args, gpu_dtypes="float16", total_min=7.0)
     providers = args.provider_list or PROVIDERS
-    phases = sweep.provider_phases(providers, PROVIDERS, baseline="reference", ours=("fast",))
+    phases = sweep.provider_phases(providers, PROVIDERS, baseline="reference", ours=("fast", "fast_one_window"))
     workloads = dict(QUICK_WORKLOADS if args.quick else WORKLOADS)
     if args.workloads:
         workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
@@ -189,7 +192,7 @@ def run(args) -> Dict[str, Any]:
                            "width": width, "slide": None if slide is None else list(slide), "short_side": short_side,
                            "queries": queries, "class_lines": lines, "model": model, "dtype": dtype,
                            "backend": "reference" if provider == "reference" else "auto",
-                           "window_batch_size": 1 if provider == "reference" else args.window_batch_size,
+                           "window_batch_size": args.window_batch_size if provider == "fast" else 1,
                            "templates": QUICK_TEMPLATES if args.quick else None,
                            "label": f"{name} {height}x{width} Q={queries}"}
                     mem = pamr_reference_memory(queries, height, width) if provider == "reference" else None

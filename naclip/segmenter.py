@@ -132,21 +132,18 @@ class Preprocessor:
 
 
 def default_window_batch_size(device: Any) -> int:
-    """Sliding windows per forward pass when ``window_batch_size=None``: 16 on CUDA, 1 elsewhere.
+    """Sliding windows per forward pass when ``window_batch_size=None``: 16 on CUDA, 4 elsewhere.
 
-    On a GPU one window (197 tokens) cannot fill the device, so windows are batched. On a CPU one window's matrix
-    products (197 x 768 by 768 x 3072 and the like) already run at the cores' matmul rate, so batching cannot make
-    the arithmetic faster; it only multiplies the activations (at 16 windows a ViT-B block's MLP hidden state is
-    39 MB, its attention scores 30 MB: past the L2/L3 caches). Measured on the 2-core dev CPU (float32 ViT-B/16,
-    random weights): single-threaded, 8 windows cost the same CPU time one at a time or batched (3.08 s vs 3.11
-    s), and in the quiet 2-thread benchmark a 560x1120 Cityscapes-like encode (36 windows) took 7.26 s at 16 per
-    pass against 6.32 s one at a time, the extra streaming of the big activations by both cores being the likely
-    cost. One window per pass is therefore never slower than the original loop. The exception is an oversubscribed
-    CPU (more busy threads than cores): there every small op waits for a descheduled thread at its barrier and
-    fewer, larger ops win (the same 8 windows: 18.5 s one at a time vs 5.0 s batched under a load of ~5 on 2
-    cores); pass ``window_batch_size`` explicitly on such machines.
+    On a GPU one window (197 tokens) cannot fill the device, so windows are batched. On a CPU the matrix products of
+    one window (197 x 768 by 768 x 3072 and the like) are too short for the GEMM kernels: measured on the 2-core
+    dev CPU (float32, torch's CPU BLAS), ViT-B's four linear layers ran at 129 GFLOP/s with 197 rows, 177 with 788
+    (4 windows) and 189 with 1576. Batching also multiplies the activations, though: at 16 windows a ViT-B block's
+    MLP hidden state is 39 MB and its attention scores 30 MB, past the caches. Four windows is the measured best
+    of both. A 560x1120 Cityscapes-like encode (36 windows, ViT-B/16, random weights) took 8.8-9.1 s at 1 window
+    per pass, 7.4 s at 2, 7.0-7.3 s at 4, 7.7 s at 8 and 8.4 s at 16, so batches of 4 are never slower than the
+    original one-window loop. Whole-image inference is one window, so it is unaffected.
     """
-    return 16 if torch.device(device).type == "cuda" else 1
+    return 16 if torch.device(device).type == "cuda" else 4
 
 
 def _check_pos_int(name: str, value: Any) -> int:
@@ -208,7 +205,7 @@ class Segmenter:
             ``pad_to`` 56); unknown names raise ``ValueError``.
         backend: ``"auto"``/``"triton"``/``"torch"``/``"reference"`` for attention and PAMR.
         window_batch_size: sliding windows per forward pass (memory cap). ``None`` (default) picks it per device
-            (:func:`default_window_batch_size`): 16 on CUDA, 1 on CPU.
+            (:func:`default_window_batch_size`): 16 on CUDA, 4 on CPU.
         templates: prompt templates (default: the 80 OpenAI ImageNet templates).
         cache_dir: text-embedding disk cache (default ``$NACLIP_CACHE_DIR/text`` or ``~/.cache/naclip/text``);
             ``False`` disables it. Random weights are never disk-cached.

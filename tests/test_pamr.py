@@ -22,7 +22,25 @@ from tests.conftest import requires_triton_interpreter, run_python
 from tests.tolerances import assert_close_to_reference
 
 TRITON = pytest.param("triton", marks=requires_triton_interpreter, id="triton")
-FAST_BACKENDS = [pytest.param("torch", id="torch"), TRITON]
+# "torch" on CPU tensors runs the compiled CPU kernels (tests/test_pamr_native.py checks that it does); "torch-eager"
+# is the same backend with them switched off (NACLIP_KERNELS_NATIVE=0): the eager path a machine without a C
+# compiler, float64 inputs, or a CUDA device without Triton runs.
+FAST_BACKENDS = [pytest.param("torch", id="torch"), pytest.param("torch-eager", id="torch-eager"), TRITON]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The backend name to pass to nk.pamr: "torch-eager" becomes "torch" with the compiled kernels disabled."""
+    if request.param == "torch-eager":
+        monkeypatch.setenv("NACLIP_KERNELS_NATIVE", "0")
+        return "torch"
+    return request.param
+
+
+@pytest.fixture
+def eager_torch_path(monkeypatch):
+    """Tests of the eager torch path's own machinery (chunking, padded buffers) switch the compiled kernels off."""
+    monkeypatch.setenv("NACLIP_KERNELS_NATIVE", "0")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,7 +149,7 @@ def _inputs(case, dtype, rng):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
 def test_backend_matches_reference(backend, dtype, case, rng):
     image, mask, dilations, num_iter = _inputs(case, dtype, rng)
     expected = nk.reference.pamr(image.double(), mask.double(), num_iter, dilations)
@@ -150,7 +168,7 @@ def test_torch_path_float64(case, rng):
 
 
 @pytest.mark.parametrize("image_dtype", [torch.float16, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
 def test_image_dtype_differs_from_mask(backend, image_dtype, rng):
     """The image may have its own dtype; the output takes the mask's."""
     image = torch.randn(1, 3, 8, 9, generator=rng).to(image_dtype)
@@ -161,7 +179,7 @@ def test_image_dtype_differs_from_mask(backend, image_dtype, rng):
     assert_close_to_reference(out, expected, "pamr", backend, torch.float32)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
 def test_non_contiguous_inputs(backend, rng):
     """Channels-last image, transposed and strided mask views: the kernels take any strides."""
     image = torch.randn(2, 9, 10, 3, generator=rng).permute(0, 3, 1, 2)           # channels-last [2, 3, 9, 10]
@@ -178,7 +196,7 @@ def test_non_contiguous_inputs(backend, rng):
         assert_close_to_reference(out, expected, "pamr", backend, torch.float32)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
 def test_many_channels(backend, rng):
     """C well past one channel block / program: 1030 queries on a tiny image."""
     image = torch.randn(1, 3, 3, 4, generator=rng)
@@ -203,7 +221,7 @@ def test_triton_channel_loop_and_batch_split(monkeypatch, rng):
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 2 * 42, 5 * 42], ids=["1_plane", "2_planes", "5_planes"])
-def test_torch_path_chunking(monkeypatch, chunk_elements, rng):
+def test_torch_path_chunking(monkeypatch, eager_torch_path, chunk_elements, rng):
     """Chunks of 1 or 2 planes (per batch element, ragged last chunk, bfloat16 scratch) and of the whole batch."""
     monkeypatch.setattr(pamr_mod, "_CHUNK_ELEMENTS", chunk_elements)
     image = torch.randn(2, 3, 6, 7, generator=rng)
@@ -226,7 +244,7 @@ def test_torch_path_replicate_border_is_replicate_padding(pad, rng):
 
 @pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("resize", [False, True], ids=["same_size", "resized"])
-def test_torch_path_single_sweep(monkeypatch, mask_dtype, resize, rng):
+def test_torch_path_single_sweep(monkeypatch, eager_torch_path, mask_dtype, resize, rng):
     """num_iter=1 (one padded buffer, or a scratch one for a float16 mask), ragged 2-plane chunks, with and without
     the bilinear resize into the padded buffer."""
     monkeypatch.setattr(pamr_mod, "_CHUNK_ELEMENTS", 2 * 42)

@@ -180,9 +180,9 @@ def test_window_batch_size_default_is_per_device():
     an explicit value is kept."""
     from naclip.segmenter import default_window_batch_size
 
-    assert default_window_batch_size("cpu") == 1 and default_window_batch_size(torch.device("cpu")) == 1
+    assert default_window_batch_size("cpu") == 4 and default_window_batch_size(torch.device("cpu")) == 4
     assert default_window_batch_size("cuda") == 16 and default_window_batch_size("cuda:1") == 16
-    assert tiny_segmenter().window_batch_size == 1
+    assert tiny_segmenter().window_batch_size == 4
     assert tiny_segmenter(window_batch_size=5).window_batch_size == 5
 
 

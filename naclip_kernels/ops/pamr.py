@@ -13,12 +13,15 @@ float64 on the torch path for float64 inputs) and then run ``num_iter`` propagat
 once and write it once. Extra memory is ``O(B (C + 8 L) H W)``, never the original's ``B C 8 L H W``.
 
 Layers, bottom up: the Triton kernels ``_pamr_affinity_fwd_kernel`` / ``_pamr_propagate_fwd_kernel`` and their
-launcher ``_pamr_triton``; the CPU-friendly torch path ``_pamr_torch``; the public functional :func:`pamr`; and
+launcher ``_pamr_triton``; the CPU path ``_pamr_torch``, which runs the compiled C kernels of
+``naclip_kernels/csrc/pamr_cpu.c`` (``_pamr_native``, built on first use by :mod:`naclip_kernels.native`) and
+falls back to eager tensor ops (``_pamr_eager``) where they cannot run; the public functional :func:`pamr`; and
 :func:`aot_configs` for the ahead-of-time GPU-readiness check.
 """
 from __future__ import annotations
 
 import functools
+import math
 from numbers import Integral
 from typing import List, Sequence, Tuple
 
@@ -185,7 +188,20 @@ def _sweep_torch(padded: torch.Tensor, weights: Sequence[torch.Tensor], offsets:
 
 
 def _pamr_torch(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilations: Tuple[int, ...]) -> torch.Tensor:
-    """Memory-lean PAMR in PyTorch: affinities once, then all ``num_iter`` sweeps chunk of channels by chunk.
+    """The ``"torch"`` backend: the compiled CPU kernels (:func:`_pamr_native`) for CPU tensors when they can be
+    built here and nothing is float64, else the eager path (:func:`_pamr_eager`: CUDA without Triton, float64,
+    no C compiler, or ``NACLIP_KERNELS_NATIVE=0``). Both compute the same maths in the same precision."""
+    if mask.device.type == "cpu" and torch.float64 not in (image.dtype, mask.dtype):
+        from naclip_kernels import native
+
+        lib = native.load("pamr")
+        if lib is not None:
+            return _pamr_native(image, mask, num_iter, dilations, lib)
+    return _pamr_eager(image, mask, num_iter, dilations)
+
+
+def _pamr_eager(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilations: Tuple[int, ...]) -> torch.Tensor:
+    """Memory-lean PAMR in eager PyTorch: affinities once, then all ``num_iter`` sweeps chunk of channels by chunk.
 
     A chunk of whole channel planes is resized (when the mask is smaller than the image) straight into the interior
     of a replicate-padded buffer; each sweep writes the interior of a second padded buffer and fills its frame
@@ -241,6 +257,209 @@ def _pamr_torch(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilation
                     _sweep_torch(src, weights, offsets, pad, dst[interior])
                     _replicate_border(dst, pad, height, width)
                     src, spare[0] = dst, src
+    return out
+
+
+# ==============================================================================================================
+# Compiled CPU path (naclip_kernels/csrc/pamr_cpu.c, built by naclip_kernels.native)
+# ==============================================================================================================
+# A ring chunk holds as many channels as keep their rings (2 max(dilations) / gcd(dilations) + 3 padded rows per
+# channel, see pamr_cpu.c) within this share of one core's L2 cache.
+_L2_FRACTION = 0.5
+_DEFAULT_L2_BYTES = 1 << 20
+# Masks in another dtype than float32 are swept in float32 groups of this many planes per thread, each rounded
+# into the output: the float32 staging stays a few planes, not a float32 copy of the whole mask.
+_STAGING_PLANES_PER_THREAD = 16
+
+
+@functools.lru_cache(maxsize=1)
+def _l2_cache_bytes() -> int:
+    """One core's L2 data cache as Linux reports it in sysfs (level 2, type Data or Unified); 1 MiB if unknown."""
+    import glob
+    import os
+
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            level = open(os.path.join(index, "level"), encoding="ascii").read().strip()
+            kind = open(os.path.join(index, "type"), encoding="ascii").read().strip()
+            text = open(os.path.join(index, "size"), encoding="ascii").read().strip().upper()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Data", "Unified"):
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            try:
+                return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+            except ValueError:
+                break
+    return _DEFAULT_L2_BYTES
+
+
+def _bind_native(lib) -> None:
+    """Declare the C signatures once per loaded library (ctypes then converts and checks every argument)."""
+    if getattr(lib, "_nk_pamr_bound", False):
+        return
+    import ctypes
+
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    for name, args, res in [
+        ("nk_vector_width", [], i32), ("nk_channel_block", [], i32),
+        ("nk_affinity_floats", [i32, i32, i32], i64), ("nk_ring_row_floats", [i32, i32], i64),
+        ("nk_pamr_sweep_scratch_floats", [i32, i32, i32, i32], i64),
+        ("nk_pamr_affinity_f32", [ptr, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, ptr, i32, i32], i32),
+        ("nk_pamr_resize_columns_f32", [ptr, i64, i32, i32, i32, ptr, ptr, ptr], i32),
+        ("nk_pamr_save_borders_f32", [ptr, i64, i64, i64, i32, i32, i32, ptr, i32, ptr, ptr, ptr], i32),
+        ("nk_pamr_sweep_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, i32, ptr, ptr, i32,
+                               ptr, ptr, i32, ptr, i64], i32),
+    ]:
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    lib._nk_pamr_bound = True
+
+
+def _run_threads(jobs) -> None:
+    """Run the zero-argument callables in ``jobs`` in parallel (ctypes drops the GIL in the C calls) and raise the
+    first error. Threads are started per call (about 0.1 ms each): nothing survives into a forked DataLoader
+    worker."""
+    import threading
+
+    errors = []
+
+    def guarded(job):
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(job,), daemon=True) for job in jobs[1:]]
+    for t in threads:
+        t.start()
+    guarded(jobs[0])
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _split(total: int, parts: int) -> List[Tuple[int, int]]:
+    """``total`` items as at most ``parts`` contiguous, near-equal, non-empty ``(start, stop)`` ranges."""
+    parts = max(1, min(parts, total))
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+
+def _resize_tables(n_out: int, n_in: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """int32 source index and float32 fraction per output index of the ``align_corners=True`` resize."""
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = torch.arange(n_out, dtype=torch.float64) * scale
+    lo = src.floor().clamp_(0, n_in - 1)
+    return lo.to(torch.int32), (src - lo).to(torch.float32)
+
+
+def _check_native(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"pamr: the compiled CPU kernel rejected its arguments in {what} (code {code}); this is "
+                           f"a bug in naclip_kernels, please report it with the input shapes")
+
+
+def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilations: Tuple[int, ...],
+                 lib) -> torch.Tensor:
+    """PAMR with the compiled CPU kernels of ``naclip_kernels/csrc/pamr_cpu.c``: float32 affinities and sweeps, the
+    output in the mask's dtype.
+
+    CPU tensors only, neither of them float64 (the caller checks). Work is split over ``torch.get_num_threads()``
+    Python threads (the C calls drop the GIL): the affinity pass by rows, the resize by channels, and each sweep by
+    residue classes of rows modulo ``gcd(dilations)`` when there are at least as many classes as threads (the
+    affinities are then read once per sweep), else by channels. The output is swept in place. Extra memory: the
+    ``[H, ~W, 8 L]`` affinities, the padded image, two saved border rows per channel, each thread's rings
+    (about half its L2 cache), and for masks that are not float32 a few float32 staging planes per thread.
+    """
+    _bind_native(lib)
+    batch, _, height, width = image.shape
+    channels, (mask_h, mask_w) = mask.shape[1], mask.shape[-2:]
+    offsets = _offsets(dilations)
+    n_taps, pad = len(offsets), max(dilations)
+    row_step = functools.reduce(math.gcd, dilations)
+    dy = torch.tensor([o[0] for o in offsets], dtype=torch.int32)
+    dx = torch.tensor([o[1] for o in offsets], dtype=torch.int32)
+    vector, block = int(lib.nk_vector_width()), int(lib.nk_channel_block())
+    threads = max(1, torch.get_num_threads())
+    out = empty_output(batch, channels, height, width, dtype=mask.dtype, device=mask.device)
+    resize = (mask_h, mask_w) != (height, width)
+    if resize:
+        row_lo, row_frac = _resize_tables(height, mask_h)
+        col_lo, col_frac = _resize_tables(width, mask_w)
+    # The image, replicate-padded once: the affinity loop then reads every neighbour (and the whole last vector of
+    # a row) without clamping.
+    xpad = F.pad(image.float(), (pad, -(-width // vector) * vector - width + pad, pad, pad), mode="replicate")
+    xpad = xpad.contiguous()
+    affinity = torch.empty(int(lib.nk_affinity_floats(height, width, n_taps)), dtype=torch.float32)
+    group = channels if mask.dtype == torch.float32 else min(channels, threads * _STAGING_PLANES_PER_THREAD)
+    staging = None if mask.dtype == torch.float32 else torch.empty(group, height, width, dtype=torch.float32)
+    ring_row = int(lib.nk_ring_row_floats(width, pad))
+    border = torch.empty(group, 2, ring_row, dtype=torch.float32)
+    classes = min(row_step, height)
+    by_class = threads > 1 and classes >= threads
+    ring_bytes = 4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step))
+    max_chunk = max(block, int(_L2_FRACTION * _l2_cache_bytes() // ring_bytes) // block * block)
+
+    hres = torch.empty(group, mask_h, width, dtype=torch.float32) if resize else None
+
+    def sweep_job(planes, c0, c1, k0, k1, first):
+        count = c1 - c0
+        chunk = -(-count // -(-count // max_chunk))  # equal chunks of at most max_chunk channels
+        scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(chunk, width, pad, row_step)), dtype=torch.float32)
+        target, saved = planes[c0:c1], border[c0:c1]
+        # The first sweep of a resized mask reads the resize on the fly (hres), never a resized copy in memory.
+        from_resize = resize and first
+        source = (hres[c0].data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if from_resize else (
+            None, 0, None, None)
+
+        def run():
+            _check_native(lib.nk_pamr_sweep_f32(
+                target.data_ptr(), target.stride(0), target.stride(1), count, height, width, affinity.data_ptr(),
+                dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, k0, k1, saved.data_ptr(), *source, chunk,
+                scratch.data_ptr(), scratch.numel()), "a sweep")
+        return run
+
+    for b in range(batch):
+        xb = xpad[b]
+
+        def affinity_rows(y0, y1, xb=xb):
+            _check_native(lib.nk_pamr_affinity_f32(
+                xb.data_ptr(), xb.stride(0), xb.stride(1), xb.shape[0], height, width, pad, pad,
+                dy.data_ptr(), dx.data_ptr(), n_taps, len(dilations), affinity.data_ptr(), y0, y1), "the affinity pass")
+
+        _run_threads([functools.partial(affinity_rows, y0, y1) for y0, y1 in _split(height, threads)])
+        low_res = mask[b].float().contiguous() if resize else None
+        for g0 in range(0, channels, group):
+            g1 = min(channels, g0 + group)
+            planes = out[b, g0:g1] if staging is None else staging[:g1 - g0]
+            count = g1 - g0
+            if resize:
+                def resize_columns(c0, c1, g0=g0):
+                    _check_native(lib.nk_pamr_resize_columns_f32(
+                        low_res[g0 + c0].data_ptr(), c1 - c0, mask_h, mask_w, width, col_lo.data_ptr(),
+                        col_frac.data_ptr(), hres[c0].data_ptr()), "the resize")
+
+                _run_threads([functools.partial(resize_columns, c0, c1) for c0, c1 in _split(count, threads)])
+            else:
+                planes.copy_(mask[b, g0:g1])
+            for it in range(num_iter):
+                first = it == 0
+                # The first sweep writes fresh output pages: split by channels there, as threads that split a page's
+                # rows by class would fault the same pages and contend for them.
+                if by_class and not (first and staging is None):
+                    jobs = [sweep_job(planes, 0, count, k0, k1, first) for k0, k1 in _split(classes, threads)]
+                else:
+                    jobs = [sweep_job(planes, c0, c1, 0, classes, first) for c0, c1 in _split(count, threads)]
+                source = (hres.data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if resize and first else (
+                    None, 0, None, None)
+                _check_native(lib.nk_pamr_save_borders_f32(planes.data_ptr(), planes.stride(0), planes.stride(1),
+                                                           count, height, width, pad, *source, border.data_ptr()),
+                              "saving the border rows")
+                _run_threads(jobs)
+            if staging is not None:
+                out[b, g0:g1].copy_(planes)
     return out
 
 
@@ -468,10 +687,15 @@ def pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int = 10, dilations:
             fine (clamping).
         backend: ``"auto" | "triton" | "torch" | "reference"`` (see :mod:`naclip_kernels._backend`). ``"auto"`` takes
             the torch path for float64 masks and for more than 16 dilations, which the Triton kernels do not take.
+            On CPU tensors the torch path runs compiled C kernels (built once per machine with the system C
+            compiler, see :mod:`naclip_kernels.native`; ``NACLIP_KERNELS_NATIVE=0`` switches them off). Where they
+            cannot run (no compiler, a float64 image or mask, CUDA tensors without Triton), it runs eager PyTorch
+            ops with the same maths, several times slower.
 
     Returns:
         ``[B, C, H, W]`` in the mask's dtype. Accumulation is float32 (float64 on the torch path when the image or
-        the mask is float64). Extra memory ``O(B (C + 8 L) H W)``.
+        the mask is float64). Extra memory: the output plus ``O(8 L H W)`` affinities and, on the compiled CPU path,
+        a few rows per channel (the eager and Triton paths also hold one or two float32 mask-sized buffers).
 
     Raises:
         TypeError / ValueError: bad arguments, naming the argument and the expected shape or dtype.

@@ -1,0 +1,386 @@
+/*
+ * PAMR on the CPU: the affinity pass and the fused propagation sweeps, float32.
+ *
+ * Built on first use by naclip_kernels/native.py with the system C compiler (-O3 -march=native where it works)
+ * and called through ctypes, which releases the GIL: Python threads run disjoint slices of the work in parallel.
+ * The maths is SPEC.md section 3; naclip_kernels/ops/pamr.py documents the layouts these functions expect.
+ *
+ * Why a compiled kernel: one sweep is out_c(p) = sum_n a(p, n) m_c(p + o_n) over 8 L neighbours. As eager
+ * tensor ops that is 8 L multiply-add passes over the mask, each streaming three operands and a result through
+ * the caches. Here the 8 L-term sum stays in vector registers for NK_CB channels at once, so each affinity vector
+ * loaded from memory feeds NK_CB fused multiply-adds and the mask row is written once per sweep.
+ *
+ * Sweeps in place, by residue classes of rows: every tap's row offset is a multiple of g = gcd(dilations) (8 for
+ * NACLIP's (8, 16)), so rows y = rho (mod g) read only rows of their own class, apart from the border rows 0 and
+ * H - 1 that clamped taps read. A sweep therefore runs class by class: the previous sweep's values of the rows
+ * y - pad .. y + pad of the class, 2 pad / g + 1 rows, are copied (with replicate-padded border columns) into a
+ * ring, so the vector loop reads every neighbour unclamped and row y is overwritten as soon as it is computed.
+ * The border rows are saved before the sweep. Rings hold 5 rows per channel for (8, 16), not 33, so the rings
+ * of dozens of channels fit in one core's L2 cache: each mask row crosses memory once per sweep and each
+ * affinity row once per sweep and chunk of channels, and classes split across threads without any thread
+ * waiting for another within a sweep.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef NK_VL
+#if defined(__AVX512F__)
+#define NK_VL 16 /* floats per vector: one zmm */
+#else
+#define NK_VL 8  /* one ymm (AVX2), two q registers (NEON), or whatever the compiler lowers it to */
+#endif
+#endif
+/* Channels accumulated together: NK_CB accumulators + the affinity + one load fit the register file (16
+ * accumulators in 32 zmm registers, 8 in 16 ymm). More channels per affinity vector means fewer affinity bytes per
+ * multiply-add, the term that decides the sweep's speed once the rows come from the L2 cache. */
+#ifndef NK_CB
+#if defined(__AVX512F__)
+#define NK_CB 16
+#else
+#define NK_CB 8
+#endif
+#endif
+#define NK_ABI 1
+
+typedef float vf __attribute__((vector_size(NK_VL * sizeof(float))));
+
+static inline vf load_v(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_v(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+int nk_abi_version(void) { return NK_ABI; }
+int nk_vector_width(void) { return NK_VL; }
+int nk_channel_block(void) { return NK_CB; }
+
+/* Affinities are stored pixel-vector-major, [H, ceil(W / NK_VL), n_taps, NK_VL]: the n_taps vectors one output
+ * vector needs are one contiguous block, so each row is a single sequential stream for the hardware prefetcher
+ * (a [n_taps, H, W] layout is n_taps streams per row, which it does not follow). A row's last block is whole;
+ * its lanes past W hold finite values and are never used for a stored output. */
+static inline int64_t affinity_row_floats(int W, int n_taps) { return round_up(W, NK_VL) * n_taps; }
+int64_t nk_affinity_floats(int H, int W, int n_taps) { return (int64_t)H * affinity_row_floats(W, n_taps); }
+
+/* Left border of a ring row: at least pad columns, rounded up to 16 floats so interior rows start 64-byte
+ * aligned (dilations that are multiples of 8, NACLIP's (8, 16), then give 32-byte aligned loads). */
+static inline int64_t ring_left(int pad) { return round_up(pad > 0 ? pad : 1, 16); }
+/* Floats per ring row: the left border, W rounded up to whole vectors, pad columns on the right. */
+int64_t nk_ring_row_floats(int W, int pad) { return round_up(ring_left(pad) + round_up(W, NK_VL) + pad, 16); }
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Affinity                                                                                                    */
+/* ---------------------------------------------------------------------------------------------------------- */
+
+typedef int32_t vi __attribute__((vector_size(NK_VL * sizeof(int32_t))));
+
+static inline vf splat(float x) { return (vf){0} + x; }
+/* Lane-wise choice m ? a : b for a comparison mask m (all ones or zeros per lane); C has no vector ?:. */
+static inline vf select_v(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf max_v(vf a, vf b) { return select_v(a > b, a, b); }
+static inline vf abs_v(vf a) { return (vf)((vi)a & ((vi){0} + 0x7fffffff)); }
+
+/* exp(x) per lane for the softmax, x <= 0 (arguments minus their maximum): Cody-Waite reduction by ln 2 and
+ * Cephes' degree-6 polynomial, ~1 ulp (libm's expf is a scalar call). Arguments below -87 are clamped there
+ * (e^-87 ~ 1.6e-38, the smallest normal scale): such weights are negligible next to the maximum's weight 1. */
+static inline vf exp_v(vf x)
+{
+    x = max_v(x, splat(-87.0f));
+    vf n = x * 1.44269504088896341f + 12582912.0f; /* + 1.5 * 2^23 rounds to the nearest integer */
+    n -= 12582912.0f;
+    vf r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)e;
+}
+
+/*
+ * aff[n, y, x] = softmax_n( -(1/K) sum_k |d_kn| / (1e-8 + 0.1 std_k) ),  d_kn = x_k(p + o_n) - x_k(p),
+ * for rows y0 <= y < y1. std_k is the unbiased spread of the 9 L samples (the L centre samples deviate by 0):
+ * the two-pass variance of the deviations, as the Triton kernel computes it.
+ *
+ * xpad: float32 [K, H + 2 pad, >= lpx + round_up(W, NK_VL) + pad] replicate-padded image, interior at row pad,
+ *       column lpx (>= pad); plane stride x_ks, row stride x_rs.
+ * aff:  float32, nk_affinity_floats(H, W, 8 L) of them in the layout described there; the lanes past W
+ *       receive finite values from the padded image.
+ */
+int nk_pamr_affinity_f32(const float *xpad, int64_t x_ks, int64_t x_rs, int K, int H, int W, int pad, int lpx,
+                         const int32_t *dy, const int32_t *dx, int n_taps, int num_dil, float *aff, int y0, int y1)
+{
+    if (n_taps < 1 || K < 1 || lpx < pad || y0 < 0 || y1 > H || x_rs < lpx + round_up(W, NK_VL) + pad)
+        return -1;
+    const float inv_samples = 1.0f / (float)(9 * num_dil);
+    const float inv_dof = 1.0f / (float)(9 * num_dil - 1);
+    const float neg_inv_k = -1.0f / (float)K;
+    vf acc[n_taps], dev[n_taps];
+    int64_t tap[n_taps];
+    for (int n = 0; n < n_taps; n++)
+        tap[n] = (int64_t)dy[n] * x_rs + dx[n];
+    for (int y = y0; y < y1; y++) {
+        for (int x0 = 0; x0 < W; x0 += NK_VL) {
+            for (int n = 0; n < n_taps; n++)
+                acc[n] = splat(0.0f);
+            for (int k = 0; k < K; k++) {
+                const float *centre = xpad + k * x_ks + (int64_t)(y + pad) * x_rs + lpx + x0;
+                const vf xc = load_v(centre);
+                vf mean = splat(0.0f);
+                for (int n = 0; n < n_taps; n++) {
+                    dev[n] = load_v(centre + tap[n]) - xc;
+                    mean += dev[n];
+                }
+                mean *= inv_samples;
+                vf var = (float)num_dil * mean * mean;
+                for (int n = 0; n < n_taps; n++) {
+                    const vf t = dev[n] - mean;
+                    var += t * t;
+                }
+                var *= inv_dof;
+                vf spread;
+                for (int l = 0; l < NK_VL; l++)
+                    spread[l] = sqrtf(var[l]);
+                const vf inv = 1.0f / (1e-8f + 0.1f * spread);
+                for (int n = 0; n < n_taps; n++)
+                    acc[n] += abs_v(dev[n]) * inv;
+            }
+            vf mx = splat(-INFINITY);
+            for (int n = 0; n < n_taps; n++) {
+                acc[n] *= neg_inv_k;
+                mx = max_v(acc[n], mx);
+            }
+            vf total = splat(0.0f);
+            for (int n = 0; n < n_taps; n++) {
+                acc[n] = exp_v(acc[n] - mx);
+                total += acc[n];
+            }
+            const vf inv_total = 1.0f / total;
+            float *block = aff + (int64_t)y * affinity_row_floats(W, n_taps) + (int64_t)x0 * n_taps;
+            for (int n = 0; n < n_taps; n++)
+                store_v(block + n * NK_VL, acc[n] * inv_total);
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Propagation                                                                                                 */
+/* ---------------------------------------------------------------------------------------------------------- */
+
+static inline void prefetch_span(const float *p, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += 16)
+        __builtin_prefetch(p + i, 0, 2);
+}
+
+/* Row y of cb channels: out_c[x] = sum_n aff(y, x)[n] ring_c[tap_n + x], aff_y the row's affinity blocks. cb is a
+ * constant after inlining, so the cb accumulators live in registers for the whole 8 L-term sum. */
+static inline __attribute__((always_inline)) void
+sweep_row(const int cb, float *const *ring_c, const int64_t *tap, const float *aff_y, int n_taps, int W,
+          float *const *out_c)
+{
+    for (int x = 0; x < W; x += NK_VL) {
+        const float *a_blk = aff_y + (int64_t)x * n_taps;
+        vf acc[NK_CB];
+        const vf a0 = load_v(a_blk);
+        for (int c = 0; c < cb; c++)
+            acc[c] = a0 * load_v(ring_c[c] + tap[0] + x);
+        for (int n = 1; n < n_taps; n++) {
+            const vf a = load_v(a_blk + n * NK_VL);
+            for (int c = 0; c < cb; c++)
+                acc[c] += a * load_v(ring_c[c] + tap[n] + x);
+        }
+        if (x + NK_VL <= W) {
+            for (int c = 0; c < cb; c++)
+                store_v(out_c[c] + x, acc[c]);
+        } else {
+            for (int c = 0; c < cb; c++)
+                memcpy(out_c[c] + x, &acc[c], (size_t)(W - x) * sizeof(float));
+        }
+    }
+}
+
+static void sweep_row_block(int cb, float *const *ring_c, const int64_t *tap, const float *aff_y, int n_taps, int W,
+                            float *const *out_c)
+{
+#define NK_CASE(n)                                                                                                \
+    case n: sweep_row(n, ring_c, tap, aff_y, n_taps, W, out_c); return;
+    switch (cb) {
+#if NK_CB >= 16
+    NK_CASE(16) NK_CASE(15) NK_CASE(14) NK_CASE(13) NK_CASE(12) NK_CASE(11) NK_CASE(10) NK_CASE(9)
+#endif
+#if NK_CB >= 8
+    NK_CASE(8) NK_CASE(7) NK_CASE(6) NK_CASE(5)
+#endif
+    NK_CASE(4) NK_CASE(3) NK_CASE(2)
+    default: sweep_row(1, ring_c, tap, aff_y, n_taps, W, out_c); return;
+    }
+#undef NK_CASE
+}
+
+/* ring[left + i] = row[min(i, W - 1)] up to the ring row's width, ring[left - pad .. left - 1] = row[0]: the
+ * row with its border columns replicated, as every tap of the vector loop reads it. */
+static inline void fill_ring_row(float *ring, const float *row, int W, int pad, int64_t left, int64_t width)
+{
+    for (int64_t i = left - pad; i < left; i++)
+        ring[i] = row[0];
+    memcpy(ring + left, row, (size_t)W * sizeof(float));
+    for (int64_t i = left + W; i < width; i++)
+        ring[i] = row[W - 1];
+}
+
+/* The same for row r of a plane that is the vertical align_corners resize of hres ([h, W]: low-resolution rows
+ * already resized along the columns): the first sweep reads the resized mask this way, so the full-size resize
+ * is never written to memory and read back. */
+static inline void fill_ring_row_resized(float *ring, const float *hres, int r, int h, const int32_t *row_lo,
+                                         const float *row_frac, int W, int pad, int64_t left, int64_t width)
+{
+    const int lo = row_lo[r], hi = lo + 1 < h ? lo + 1 : h - 1;
+    const float f = row_frac[r], g = 1.0f - f;
+    const float *t0 = hres + (int64_t)lo * W, *t1 = hres + (int64_t)hi * W;
+    float *dst = ring + left;
+    for (int j = 0; j < W; j++)
+        dst[j] = g * t0[j] + f * t1[j];
+    for (int64_t i = left - pad; i < left; i++)
+        ring[i] = dst[0];
+    for (int64_t i = left + W; i < width; i++)
+        ring[i] = dst[W - 1];
+}
+
+/* Resize k contiguous float32 [h, w] planes along the columns only: hres[c, r, :] is row r of plane c resized to W
+ * columns (align_corners tables col_lo, col_frac). The rows are resized on the fly from these by
+ * fill_ring_row_resized. */
+int nk_pamr_resize_columns_f32(const float *src, int64_t k, int h, int w, int W, const int32_t *col_lo,
+                               const float *col_frac, float *hres)
+{
+    if (k < 0 || h < 1 || w < 1 || W < 1)
+        return -1;
+    for (int64_t c = 0; c < k; c++)
+        for (int r = 0; r < h; r++) {
+            const float *srow = src + (c * h + r) * w;
+            float *trow = hres + (c * h + r) * W;
+            for (int j = 0; j < W; j++) {
+                const int lo = col_lo[j], hi = lo + 1 < w ? lo + 1 : w - 1;
+                const float f = col_frac[j];
+                trow[j] = (1.0f - f) * srow[lo] + f * srow[hi];
+            }
+        }
+    return 0;
+}
+
+/* The previous sweep's rows 0 and H - 1 of k planes, replicate-padded like ring rows, into border
+ * [k, 2, nk_ring_row_floats(W, pad)]: what clamped taps read while those rows are being overwritten. With hres
+ * non-NULL (the first sweep) the rows come from the resize instead, as in nk_pamr_sweep_f32. */
+int nk_pamr_save_borders_f32(const float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, int pad,
+                             const float *hres, int h, const int32_t *row_lo, const float *row_frac, float *border)
+{
+    if (k < 0 || H < 1 || W < 1 || pad < 1 || out_rs < W)
+        return -1;
+    const int64_t left = ring_left(pad), width = nk_ring_row_floats(W, pad);
+    for (int64_t c = 0; c < k; c++) {
+        float *top = border + (2 * c) * width, *bottom = border + (2 * c + 1) * width;
+        if (hres) {
+            fill_ring_row_resized(top, hres + c * h * W, 0, h, row_lo, row_frac, W, pad, left, width);
+            fill_ring_row_resized(bottom, hres + c * h * W, H - 1, h, row_lo, row_frac, W, pad, left, width);
+        } else {
+            fill_ring_row(top, out + c * out_cs, W, pad, left, width);
+            fill_ring_row(bottom, out + c * out_cs + (int64_t)(H - 1) * out_rs, W, pad, left, width);
+        }
+    }
+    return 0;
+}
+
+/* Floats of scratch nk_pamr_sweep_f32 needs for `chunk` channels: their rings of 2 pad / row_step + 1 class rows
+ * plus the two border rows. */
+int64_t nk_pamr_sweep_scratch_floats(int chunk, int W, int pad, int row_step)
+{
+    return (int64_t)chunk * (2 * (pad / row_step) + 3) * nk_ring_row_floats(W, pad);
+}
+
+/*
+ * One PAMR sweep, in place, of the rows y with class_begin <= y % row_step < class_end of k float32 planes
+ * (plane c is out + c out_cs, rows out_rs apart, columns contiguous):
+ *     out_c(y, x) <- sum_n aff(y, x)[n] out_c(clamp(y + dy_n), clamp(x + dx_n))   (the previous sweep's values)
+ * row_step divides every dy_n and pad (pad >= every |dy_n|, |dx_n|); border holds the planes' rows 0 and H - 1 as
+ * nk_pamr_save_borders_f32 saved them before this sweep. Channels are taken `chunk` at a time; the rows of one
+ * class of one chunk are swept top to bottom, with the class's rows y - pad .. y + pad in the chunk's rings and
+ * the two border rows after them, so that every tap is an offset from the channel's ring.
+ * With hres non-NULL (the first sweep) the previous values are not read from the planes but resized on the fly
+ * from hres ([k, h, W], see nk_pamr_resize_columns_f32) with the row tables, and the planes are only written.
+ * aff: as nk_pamr_affinity_f32 writes it. scratch: nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step) floats.
+ * Returns 0, or -1 when an argument is inconsistent (nothing is written then).
+ */
+int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, const float *aff,
+                      const int32_t *dy, const int32_t *dx, int n_taps, int pad, int row_step, int class_begin,
+                      int class_end, const float *border, const float *hres, int h, const int32_t *row_lo,
+                      const float *row_frac, int chunk, float *scratch, int64_t scratch_floats)
+{
+    if (k < 1 || H < 1 || W < 1 || n_taps < 1 || chunk < 1 || pad < 1 || row_step < 1 || pad % row_step != 0 ||
+        class_begin < 0 || class_end > row_step || out_rs < W)
+        return -1;
+    if (scratch_floats < nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step))
+        return -1;
+    for (int n = 0; n < n_taps; n++)
+        if (dy[n] < -pad || dy[n] > pad || dx[n] < -pad || dx[n] > pad || dy[n] % row_step != 0)
+            return -1;
+    const int slots = 2 * (pad / row_step) + 1;
+    const int64_t left = ring_left(pad), width = nk_ring_row_floats(W, pad), per_channel = (slots + 2) * width;
+    const int64_t aff_row = affinity_row_floats(W, n_taps);
+    int64_t tap[n_taps];
+    for (int rho = class_begin; rho < class_end && rho < H; rho++) {
+        for (int64_t c0 = 0; c0 < k; c0 += chunk) {
+            const int count = (int)(k - c0 < chunk ? k - c0 : chunk);
+            float *const first_plane = out + c0 * out_cs;
+#define NK_SLOT(r) (((r) / row_step) % slots)
+#define NK_FILL(c, r)                                                                                             \
+    do {                                                                                                          \
+        float *ring_row = scratch + (c) * per_channel + NK_SLOT(r) * width;                                       \
+        if (hres)                                                                                                 \
+            fill_ring_row_resized(ring_row, hres + (c0 + (c)) * h * W, (r), h, row_lo, row_frac, W, pad, left,    \
+                                  width);                                                                         \
+        else                                                                                                      \
+            fill_ring_row(ring_row, first_plane + (c) * out_cs + (int64_t)(r) * out_rs, W, pad, left, width);     \
+    } while (0)
+            for (int c = 0; c < count; c++) {
+                float *ring = scratch + c * per_channel;
+                memcpy(ring + slots * width, border + 2 * (c0 + c) * width, 2 * (size_t)width * sizeof(float));
+                for (int r = rho; r < H && r <= rho + pad; r += row_step)
+                    NK_FILL(c, r);
+            }
+            for (int y = rho; y < H; y += row_step) {
+                const int incoming = y + pad;
+                if (y > rho && incoming < H)
+                    for (int c = 0; c < count; c++)
+                        NK_FILL(c, incoming);
+                /* The class's next incoming rows and affinity row: one stream per channel, more than the hardware
+                 * prefetchers follow, so they are requested explicitly. */
+                if (!hres && incoming + row_step < H)
+                    for (int c = 0; c < count; c++)
+                        prefetch_span(first_plane + c * out_cs + (int64_t)(incoming + row_step) * out_rs, W);
+                if (y + row_step < H)
+                    prefetch_span(aff + (int64_t)(y + row_step) * aff_row, aff_row);
+                for (int n = 0; n < n_taps; n++) {
+                    const int r = y + dy[n];
+                    const int64_t slot = r < 0 ? slots : (r >= H ? slots + 1 : NK_SLOT(r));
+                    tap[n] = slot * width + left + dx[n];
+                }
+#undef NK_SLOT
+#undef NK_FILL
+                const float *aff_y = aff + (int64_t)y * aff_row;
+                for (int cb0 = 0; cb0 < count; cb0 += NK_CB) {
+                    const int cb = count - cb0 < NK_CB ? count - cb0 : NK_CB;
+                    float *ring_c[NK_CB], *out_row[NK_CB];
+                    for (int c = 0; c < cb; c++) {
+                        ring_c[c] = scratch + (cb0 + c) * per_channel;
+                        out_row[c] = first_plane + (cb0 + c) * out_cs + (int64_t)y * out_rs;
+                    }
+                    sweep_row_block(cb, ring_c, tap, aff_y, n_taps, W, out_row);
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,241 @@
+"""The compiled CPU PAMR kernels (naclip_kernels/csrc/pamr_cpu.c) and their build/load machinery.
+
+Against the float64 reference: ragged widths (not whole vectors), heights below the dilations, row classes of
+every size (gcd(dilations) 1, 2, 3, 8), more channels than one register block, batches, all three mask dtypes,
+resized / same-size / larger masks, one and two threads, and both work splits (by row class, by channel). The
+non-AVX-512 variant of the C code is built and checked too, on x86 machines whose compiler accepts the flag.
+"""
+from __future__ import annotations
+
+import ctypes
+import platform
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+
+import naclip_kernels as nk
+from naclip_kernels import native
+from naclip_kernels._alloc import poison_outputs
+from naclip_kernels.ops import pamr as pamr_mod
+from tests.tolerances import assert_close_to_reference
+
+pytestmark = pytest.mark.skipif(not native._compilers(), reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def lib():
+    loaded = native.load("pamr")
+    assert loaded is not None, f"the compiled PAMR kernel did not build: {native.status()['pamr']}"
+    return loaded
+
+
+@pytest.fixture
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def _expected(image, mask, num_iter, dilations):
+    return nk.reference.pamr(image.double(), mask.double(), num_iter, dilations)
+
+
+# (B, H, W, C, mask h, mask w, dilations, num_iter)
+CASES = [
+    pytest.param((1, 40, 53, 19, 3, 4, (8, 16), 10), id="40x53_C19_d8-16_resized"),
+    pytest.param((1, 7, 6, 2, 3, 4, (8, 16), 3), id="7x6_smaller_than_the_dilations"),
+    pytest.param((1, 1, 1, 1, 1, 1, (8, 16), 2), id="1x1"),
+    pytest.param((1, 12, 1, 3, 12, 1, (2,), 3), id="12x1_one_column"),
+    pytest.param((1, 1, 37, 3, 1, 37, (1, 2), 3), id="1x37_one_row"),
+    pytest.param((2, 33, 70, 11, 5, 9, (3, 6), 4), id="B2_33x70_class_step_3"),
+    pytest.param((1, 20, 33, 20, 20, 33, (1, 2), 3), id="20x33_same_size_step_1"),
+    pytest.param((1, 25, 18, 5, 31, 40, (2, 4), 2), id="larger_mask_25x18_step_2"),
+    pytest.param((1, 18, 17, 35, 3, 3, (1, 3, 5), 1), id="C35_three_dilations_1iter"),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True, ids=["1_thread", "2_threads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", CASES)
+def test_native_matches_reference(lib, threads, dtype, case, rng):
+    b, h, w, c, mh, mw, dilations, num_iter = case
+    image = torch.randn(b, 3, h, w, generator=rng)
+    mask = (2 * torch.randn(b, c, mh, mw, generator=rng)).clamp(-4, 4).to(dtype)
+    with poison_outputs():
+        out = pamr_mod._pamr_native(image, mask, num_iter, dilations, lib)
+    assert out.dtype == dtype and out.shape == (b, c, h, w)
+    assert_close_to_reference(out, _expected(image, mask, num_iter, dilations), "pamr", "torch", dtype)
+
+
+def test_torch_backend_runs_the_native_kernel_on_cpu(lib, monkeypatch, rng):
+    """backend="torch" (and "auto" on CPU) take the compiled path for float32/16/bf16, the eager one for float64."""
+    calls = []
+    real = pamr_mod._pamr_native
+    monkeypatch.setattr(pamr_mod, "_pamr_native", lambda *a: calls.append(a[1].dtype) or real(*a))
+    image = torch.randn(1, 3, 9, 10, generator=rng)
+    mask = torch.randn(1, 4, 3, 3, generator=rng)
+    for backend in ("torch", "auto"):
+        out = nk.pamr(image, mask, num_iter=2, dilations=(1, 2), backend=backend)
+        assert_close_to_reference(out, _expected(image, mask, 2, (1, 2)), "pamr", "torch", torch.float32)
+    nk.pamr(image.double(), mask, num_iter=2, dilations=(1, 2), backend="torch")
+    nk.pamr(image, mask.double(), num_iter=2, dilations=(1, 2), backend="torch")
+    assert calls == [torch.float32, torch.float32]
+    monkeypatch.setenv("NACLIP_KERNELS_NATIVE", "0")
+    nk.pamr(image, mask, num_iter=2, dilations=(1, 2), backend="torch")
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True, ids=["2_threads"])
+@pytest.mark.parametrize("dilations", [(8, 16), (1, 2)], ids=["split_by_class", "split_by_channel"])
+def test_small_chunks_and_staging_groups(lib, threads, monkeypatch, dilations, rng):
+    """Ring chunks of one register block (a tiny L2 budget) and float32 staging groups of one plane per thread,
+    so every chunk, group and split boundary is crossed, also with a channel count that is not a multiple of them."""
+    monkeypatch.setattr(pamr_mod, "_L2_FRACTION", 1e-9)
+    monkeypatch.setattr(pamr_mod, "_STAGING_PLANES_PER_THREAD", 1)
+    image = torch.randn(2, 3, 21, 19, generator=rng)
+    for dtype in (torch.float32, torch.bfloat16):
+        mask = torch.randn(2, 2 * lib.nk_channel_block() + 3, 4, 5, generator=rng).to(dtype)
+        with poison_outputs():
+            out = pamr_mod._pamr_native(image, mask, 3, dilations, lib)
+        assert_close_to_reference(out, _expected(image, mask, 3, dilations), "pamr", "torch", dtype)
+
+
+def test_non_contiguous_inputs(lib, rng):
+    image = torch.randn(1, 9, 10, 3, generator=rng).permute(0, 3, 1, 2)
+    for mask in (torch.randn(1, 10, 8, 9, generator=rng).permute(0, 2, 3, 1)[:, ::2],
+                 torch.randn(1, 3, 8, 5, generator=rng)[:, :, ::2, :]):
+        with poison_outputs():
+            out = pamr_mod._pamr_native(image, mask, 3, (1, 4), lib)
+        assert_close_to_reference(out, _expected(image, mask.contiguous(), 3, (1, 4)), "pamr", "torch",
+                                  torch.float32)
+
+
+def test_concurrent_calls_from_threads(lib, rng):
+    """Calls from several Python threads at once share nothing (each allocates its own affinities and rings)."""
+    image = torch.randn(1, 3, 24, 30, generator=rng)
+    masks = [torch.randn(1, 6, 3, 4, generator=rng) for _ in range(4)]
+    expected = [pamr_mod._pamr_native(image, m, 4, (8, 16), lib) for m in masks]
+    results = [None] * len(masks)
+
+    def run(i):
+        results[i] = pamr_mod._pamr_native(image, masks[i], 4, (8, 16), lib)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(len(masks))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_kernel_rejects_inconsistent_arguments(lib):
+    """The C entry points check their arguments and write nothing when they are inconsistent; the launcher turns
+    that into an error that says it is a bug rather than crashing."""
+    pamr_mod._bind_native(lib)
+    plane = torch.zeros(1, 4, 4)
+    dy = torch.tensor([8], dtype=torch.int32)
+    dx = torch.tensor([0], dtype=torch.int32)
+    aff = torch.zeros(int(lib.nk_affinity_floats(4, 4, 1)))
+    border = torch.zeros(1, 2, int(lib.nk_ring_row_floats(4, 8)))
+    scratch = torch.zeros(int(lib.nk_pamr_sweep_scratch_floats(1, 4, 8, 8)))
+    args = [plane.data_ptr(), 16, 4, 1, 4, 4, aff.data_ptr(), dy.data_ptr(), dx.data_ptr(), 1, 8, 8, 0, 8,
+            border.data_ptr(), None, 0, None, None, 1, scratch.data_ptr(), scratch.numel()]
+    assert lib.nk_pamr_sweep_f32(*args) == 0
+    for index, bad in [(21, scratch.numel() - 1), (11, 3), (10, 4), (13, 9), (19, 0)]:
+        wrong = list(args)
+        wrong[index] = bad          # short scratch, row step not dividing pad, pad < |dy|, class past the step, chunk 0
+        assert lib.nk_pamr_sweep_f32(*wrong) == -1, index
+    with pytest.raises(RuntimeError, match="bug in naclip_kernels"):
+        pamr_mod._check_native(-1, "a sweep")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set flag")
+def test_non_avx512_variant_matches_reference(tmp_path, rng):
+    """The 8-float-vector build (AVX2 machines, most laptops) is the other half of the C code's #if branches."""
+    try:
+        path = native.build("pamr", extra_flags=["-mno-avx512f"], directory=tmp_path)
+    except native.NativeBuildError as exc:
+        pytest.fail(f"could not build the non-AVX-512 variant: {exc}")
+    variant = ctypes.CDLL(str(path))
+    assert variant.nk_vector_width() == 8 and variant.nk_channel_block() == 8
+    image = torch.randn(2, 3, 23, 29, generator=rng)
+    for dilations, mask in [((8, 16), torch.randn(2, 19, 3, 4, generator=rng)),
+                            ((1, 3), torch.randn(2, 9, 23, 29, generator=rng))]:
+        with poison_outputs():
+            out = pamr_mod._pamr_native(image, mask, 4, dilations, variant)
+        assert_close_to_reference(out, _expected(image, mask, 4, dilations), "pamr", "torch", torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Build, cache and fallback
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_native_state(monkeypatch, tmp_path):
+    """An empty build cache and no library loaded yet in this process, restored afterwards."""
+    monkeypatch.setenv("NACLIP_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_failures", {})
+    monkeypatch.setattr(native, "_warned", set())
+    return tmp_path / "cache"
+
+
+def test_build_is_cached_per_source_compiler_and_cpu(fresh_native_state, monkeypatch):
+    first = native.build("pamr")
+    assert first.is_file() and fresh_native_state in first.parents
+    compiles = []
+    real_run = subprocess.run
+
+    def run(cmd, **kwargs):
+        compiles.extend([cmd] if "-o" in cmd else [])
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(native.subprocess, "run", run)
+    assert native.build("pamr") == first and compiles == []          # reused: the compiler is not invoked
+    other = native.build("pamr", extra_flags=["-DNK_CB=4"])          # other flags: another cache entry
+    assert other != first and other.is_file() and len(compiles) == 1
+
+
+def test_unbuildable_kernel_falls_back_to_eager_with_one_warning(fresh_native_state, monkeypatch, rng):
+    monkeypatch.setattr(native, "_compilers", lambda: [sys.executable])   # "compiles" by failing
+    image = torch.randn(1, 3, 6, 7, generator=rng)
+    mask = torch.randn(1, 2, 6, 7, generator=rng)
+    with pytest.warns(RuntimeWarning, match="compiled CPU kernel 'pamr' is unavailable"):
+        out = nk.pamr(image, mask, num_iter=2, dilations=(1, 2), backend="torch")
+    assert_close_to_reference(out, _expected(image, mask, 2, (1, 2)), "pamr", "torch", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nk.pamr(image, mask, num_iter=2, dilations=(1, 2), backend="torch")   # no second warning
+    status = native.status()["pamr"]
+    assert status["available"] is False and "could not compile pamr_cpu.c" in status["reason"]
+
+
+def test_no_compiler_at_all(fresh_native_state, monkeypatch):
+    monkeypatch.setattr(native, "_compilers", lambda: [])
+    with pytest.raises(native.NativeBuildError, match="no C compiler found"):
+        native.build("pamr")
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        assert native.load("pamr") is None
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("NACLIP_KERNELS_NATIVE", "off")
+    assert native.disabled() and native.load("pamr") is None
+    assert native.status()["pamr"] == {"available": False, "reason": "disabled by NACLIP_KERNELS_NATIVE=off"}
+
+
+def test_unknown_library_name():
+    with pytest.raises(ValueError, match="unknown library 'nope'"):
+        native.build("nope")
+
+
+def test_cli_builds_and_reports(fresh_native_state):
+    proc = subprocess.run([sys.executable, "-m", "naclip_kernels.native"], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ})
+    assert proc.returncode == 0, proc.stderr
+    assert "pamr: available:" in proc.stdout and "vector width" in proc.stdout
