@@ -38,7 +38,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 __all__ = ["load", "status", "build", "disabled", "NativeBuildError", "SOURCES"]
 
@@ -51,7 +51,7 @@ _ENV_SWITCH = "NACLIP_KERNELS_NATIVE"
 _ENV_CACHE = "NACLIP_KERNELS_CACHE_DIR"
 
 _lock = threading.Lock()
-_loaded: Dict[str, ctypes.CDLL] = {}
+_loaded: Dict[tuple, ctypes.CDLL] = {}
 _failures: Dict[str, str] = {}
 _warned: set = set()
 
@@ -176,21 +176,26 @@ def _open(name: str, path: Path) -> ctypes.CDLL:
     return lib
 
 
-def load(name: str) -> Optional[ctypes.CDLL]:
+def load(name: str, defines: Optional[Mapping[str, object]] = None) -> Optional[ctypes.CDLL]:
     """The loaded library ``name``, built on first use; ``None`` when disabled or when it cannot be built here.
 
-    The first failure in a process warns once (``RuntimeWarning``) with the reason. :func:`status` keeps it.
+    ``defines`` are preprocessor macros (``-DKEY=VALUE``) selecting a specialised build. PAMR compiles one library
+    per dilation tuple, so that every tap offset is a constant. Each set of defines is a separate cache entry and
+    a separate compile, about a second, once per machine. The first failure in a process warns once
+    (``RuntimeWarning``) with the reason, and :func:`status` keeps it.
     """
     if disabled():
         return None
-    lib = _loaded.get(name)
+    flags = tuple(f"-D{key}={value}" for key, value in sorted((defines or {}).items()))
+    key = (name, flags)
+    lib = _loaded.get(key)
     if lib is not None or name in _failures:
         return lib
     with _lock:
-        if name in _loaded or name in _failures:
-            return _loaded.get(name)
+        if key in _loaded or name in _failures:
+            return _loaded.get(key)
         try:
-            _loaded[name] = _open(name, build(name))
+            _loaded[key] = _open(name, build(name, extra_flags=flags))
         except (NativeBuildError, OSError) as exc:
             _failures[name] = str(exc)
             if name not in _warned:
@@ -198,7 +203,7 @@ def load(name: str) -> Optional[ctypes.CDLL]:
                 warnings.warn(f"naclip_kernels: the compiled CPU kernel '{name}' is unavailable ({exc}); using the "
                               f"eager PyTorch path, which is slower. Set {_ENV_SWITCH}=0 to choose that path "
                               f"without this warning.", RuntimeWarning, stacklevel=3)
-        return _loaded.get(name)
+        return _loaded.get(key)
 
 
 def status() -> Dict[str, Dict[str, object]]:

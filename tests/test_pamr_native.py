@@ -59,11 +59,30 @@ CASES = [
 ]
 
 
+def _fixed_lib(dilations):
+    """The library compiled for ``dilations``, checked to run its fixed-tap kernel for them."""
+    fixed = native.load("pamr", pamr_mod._native_defines(dilations))
+    assert fixed is not None and fixed.nk_fixed_taps() == 8 * len(dilations)
+    pamr_mod._bind_native(fixed)
+    offsets = pamr_mod._offsets(dilations)
+    dy = torch.tensor([o[0] for o in offsets], dtype=torch.int32)
+    dx = torch.tensor([o[1] for o in offsets], dtype=torch.int32)
+    row_step = __import__("math").gcd(*dilations)
+    assert fixed.nk_fixed_kernel_applies(dy.data_ptr(), dx.data_ptr(), len(offsets), max(dilations), row_step) == 1
+    return fixed
+
+
 @pytest.mark.parametrize("threads", [1, 2], indirect=True, ids=["1_thread", "2_threads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("variant", ["generic", "fixed_taps"])
 @pytest.mark.parametrize("case", CASES)
-def test_native_matches_reference(lib, threads, dtype, case, rng):
+def test_native_matches_reference(lib, threads, variant, dtype, case, rng):
     b, h, w, c, mh, mw, dilations, num_iter = case
+    if variant == "fixed_taps":
+        lib = _fixed_lib(dilations)
+        assert lib.nk_fixed_taps() > 0
+    else:
+        assert lib.nk_fixed_taps() == 0
     image = torch.randn(b, 3, h, w, generator=rng)
     mask = (2 * torch.randn(b, c, mh, mw, generator=rng)).clamp(-4, 4).to(dtype)
     with poison_outputs():
@@ -73,10 +92,15 @@ def test_native_matches_reference(lib, threads, dtype, case, rng):
 
 
 def test_torch_backend_runs_the_native_kernel_on_cpu(lib, monkeypatch, rng):
-    """backend="torch" (and "auto" on CPU) take the compiled path for float32/16/bf16, the eager one for float64."""
+    """backend="torch" (and "auto" on CPU) take the compiled path for float32/16/bf16, the eager one for float64;
+    the library is the one compiled for the dilations."""
     calls = []
     real = pamr_mod._pamr_native
-    monkeypatch.setattr(pamr_mod, "_pamr_native", lambda *a: calls.append(a[1].dtype) or real(*a))
+    def spy(image, mask, num_iter, dilations, library):
+        calls.append((mask.dtype, library.nk_fixed_taps()))
+        return real(image, mask, num_iter, dilations, library)
+
+    monkeypatch.setattr(pamr_mod, "_pamr_native", spy)
     image = torch.randn(1, 3, 9, 10, generator=rng)
     mask = torch.randn(1, 4, 3, 3, generator=rng)
     for backend in ("torch", "auto"):
@@ -84,7 +108,7 @@ def test_torch_backend_runs_the_native_kernel_on_cpu(lib, monkeypatch, rng):
         assert_close_to_reference(out, _expected(image, mask, 2, (1, 2)), "pamr", "torch", torch.float32)
     nk.pamr(image.double(), mask, num_iter=2, dilations=(1, 2), backend="torch")
     nk.pamr(image, mask.double(), num_iter=2, dilations=(1, 2), backend="torch")
-    assert calls == [torch.float32, torch.float32]
+    assert calls == [(torch.float32, 16), (torch.float32, 16)]
     monkeypatch.setenv("NACLIP_KERNELS_NATIVE", "0")
     nk.pamr(image, mask, num_iter=2, dilations=(1, 2), backend="torch")
     assert len(calls) == 2
@@ -164,11 +188,15 @@ def test_non_avx512_variant_matches_reference(tmp_path, rng):
         pytest.fail(f"could not build the non-AVX-512 variant: {exc}")
     variant = ctypes.CDLL(str(path))
     assert variant.nk_vector_width() == 8 and variant.nk_channel_block() == 8
+    defines = [f"-D{k}={v}" for k, v in pamr_mod._native_defines((8, 16)).items()]
+    fixed = ctypes.CDLL(str(native.build("pamr", extra_flags=["-mno-avx512f", *defines], directory=tmp_path / "f")))
+    assert fixed.nk_vector_width() == 8 and fixed.nk_fixed_taps() == 16
     image = torch.randn(2, 3, 23, 29, generator=rng)
-    for dilations, mask in [((8, 16), torch.randn(2, 19, 3, 4, generator=rng)),
-                            ((1, 3), torch.randn(2, 9, 23, 29, generator=rng))]:
+    for lib, dilations, mask in [(variant, (8, 16), torch.randn(2, 19, 3, 4, generator=rng)),
+                                 (variant, (1, 3), torch.randn(2, 9, 23, 29, generator=rng)),
+                                 (fixed, (8, 16), torch.randn(2, 11, 23, 29, generator=rng))]:
         with poison_outputs():
-            out = pamr_mod._pamr_native(image, mask, 4, dilations, variant)
+            out = pamr_mod._pamr_native(image, mask, 4, dilations, lib)
         assert_close_to_reference(out, _expected(image, mask, 4, dilations), "pamr", "torch", torch.float32)
 
 

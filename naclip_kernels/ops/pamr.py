@@ -194,7 +194,7 @@ def _pamr_torch(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilation
     if mask.device.type == "cpu" and torch.float64 not in (image.dtype, mask.dtype):
         from naclip_kernels import native
 
-        lib = native.load("pamr")
+        lib = native.load("pamr", _native_defines(dilations))
         if lib is not None:
             return _pamr_native(image, mask, num_iter, dilations, lib)
     return _pamr_eager(image, mask, num_iter, dilations)
@@ -294,6 +294,19 @@ def _l2_cache_bytes() -> int:
     return _DEFAULT_L2_BYTES
 
 
+# Dilation tuples up to this long get a library compiled for them (all tap offsets constants: the unrolled sweep
+# kernel of pamr_cpu.c, 13-16% faster than the generic loop on the dev CPU); longer ones use the generic build.
+_MAX_FIXED_DILATIONS = 4
+
+
+def _native_defines(dilations: Tuple[int, ...]) -> dict:
+    """Preprocessor macros of the compiled PAMR library for ``dilations`` (see ``NK_FIXED_DILATIONS``)."""
+    if len(dilations) > _MAX_FIXED_DILATIONS:
+        return {}
+    return {"NK_FIXED_DILATIONS": ",".join(map(str, dilations)),
+            "NK_FIXED_ROW_STEP": functools.reduce(math.gcd, dilations), "NK_FIXED_PAD": max(dilations)}
+
+
 def _bind_native(lib) -> None:
     """Declare the C signatures once per loaded library (ctypes then converts and checks every argument)."""
     if getattr(lib, "_nk_pamr_bound", False):
@@ -302,7 +315,8 @@ def _bind_native(lib) -> None:
 
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     for name, args, res in [
-        ("nk_vector_width", [], i32), ("nk_channel_block", [], i32),
+        ("nk_vector_width", [], i32), ("nk_channel_block", [], i32), ("nk_fixed_taps", [], i32),
+        ("nk_fixed_kernel_applies", [ptr, ptr, i32, i32, i32], i32),
         ("nk_affinity_floats", [i32, i32, i32], i64), ("nk_ring_row_floats", [i32, i32], i64),
         ("nk_pamr_sweep_scratch_floats", [i32, i32, i32, i32], i64),
         ("nk_pamr_affinity_f32", [ptr, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, ptr, i32, i32], i32),
