@@ -166,15 +166,25 @@ def test_kernel_rejects_inconsistent_arguments(lib):
     dy = torch.tensor([8], dtype=torch.int32)
     dx = torch.tensor([0], dtype=torch.int32)
     aff = torch.zeros(int(lib.nk_affinity_floats(4, 4, 1)))
-    border = torch.zeros(1, 2, int(lib.nk_ring_row_floats(4, 8)))
-    scratch = torch.zeros(int(lib.nk_pamr_sweep_scratch_floats(1, 4, 8, 8)))
-    args = [plane.data_ptr(), 16, 4, 1, 4, 4, aff.data_ptr(), dy.data_ptr(), dx.data_ptr(), 1, 8, 8, 0, 8,
-            border.data_ptr(), None, 0, None, None, 1, scratch.data_ptr(), scratch.numel()]
+    width = int(lib.nk_ring_row_floats(4, 8))
+    border = torch.zeros(1, 2, 2, width)
+    scratch = torch.zeros(int(lib.nk_pamr_sweep_scratch_floats(1, 4, 8, 8, 2)))
+    args = [plane.data_ptr(), 16, 4, 1, 4, 4, aff.data_ptr(), dy.data_ptr(), dx.data_ptr(), 1, 8, 8, 0, 8, 2,
+            border.data_ptr(), 4 * width, None, 0, None, None, 1, scratch.data_ptr(), scratch.numel()]
     assert lib.nk_pamr_sweep_f32(*args) == 0
-    for index, bad in [(21, scratch.numel() - 1), (11, 3), (10, 4), (13, 9), (19, 0)]:
+    lo, frac = torch.zeros(4, dtype=torch.int32), torch.zeros(4)
+    for changes in [{23: scratch.numel() - 1},          # scratch too short
+                    {11: 3},                            # row step that does not divide pad
+                    {10: 4, 11: 4},                     # pad below |dy|
+                    {13: 9},                            # a class past the row step
+                    {21: 0},                            # chunk 0
+                    {14: 3},                            # three levels
+                    {16: width},                        # border rows closer than the levels need
+                    {17: plane.data_ptr(), 18: 4, 19: lo.data_ptr(), 20: frac.data_ptr()}]:  # resize + 2 levels
         wrong = list(args)
-        wrong[index] = bad          # short scratch, row step not dividing pad, pad < |dy|, class past the step, chunk 0
-        assert lib.nk_pamr_sweep_f32(*wrong) == -1, index
+        for index, value in changes.items():
+            wrong[index] = value
+        assert lib.nk_pamr_sweep_f32(*wrong) == -1, changes
     with pytest.raises(RuntimeError, match="bug in naclip_kernels"):
         pamr_mod._check_native(-1, "a sweep")
 

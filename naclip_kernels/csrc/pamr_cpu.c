@@ -396,17 +396,18 @@ int nk_pamr_resize_columns_f32(const float *src, int64_t k, int h, int w, int W,
     return 0;
 }
 
-/* The previous sweep's rows 0 and H - 1 of k planes, replicate-padded like ring rows, into border
- * [k, 2, nk_ring_row_floats(W, pad)]: what clamped taps read while those rows are being overwritten. With hres
- * non-NULL (the first sweep) the rows come from the resize instead, as in nk_pamr_sweep_f32. */
+/* The previous sweep's rows 0 and H - 1 of k planes, replicate-padded like ring rows, into border + c border_cs
+ * (two rows of nk_ring_row_floats(W, pad)): what clamped taps read while those rows are being overwritten. With
+ * hres non-NULL (the first sweep) the rows come from the resize instead, as in nk_pamr_sweep_f32. */
 int nk_pamr_save_borders_f32(const float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, int pad,
-                             const float *hres, int h, const int32_t *row_lo, const float *row_frac, float *border)
+                             const float *hres, int h, const int32_t *row_lo, const float *row_frac, float *border,
+                             int64_t border_cs)
 {
-    if (k < 0 || H < 1 || W < 1 || pad < 1 || out_rs < W)
-        return -1;
     const int64_t left = ring_left(pad), width = nk_ring_row_floats(W, pad);
+    if (k < 0 || H < 1 || W < 1 || pad < 1 || out_rs < W || border_cs < 2 * width)
+        return -1;
     for (int64_t c = 0; c < k; c++) {
-        float *top = border + (2 * c) * width, *bottom = border + (2 * c + 1) * width;
+        float *top = border + c * border_cs, *bottom = top + width;
         if (hres) {
             fill_ring_row_resized(top, hres + c * h * W, 0, h, row_lo, row_frac, W, pad, left, width);
             fill_ring_row_resized(bottom, hres + c * h * W, H - 1, h, row_lo, row_frac, W, pad, left, width);
@@ -418,116 +419,211 @@ int nk_pamr_save_borders_f32(const float *out, int64_t out_cs, int64_t out_rs, i
     return 0;
 }
 
-/* Floats of scratch nk_pamr_sweep_f32 needs for `chunk` channels: their rings of 2 pad / row_step + 1 class rows
- * plus the two border rows. */
-int64_t nk_pamr_sweep_scratch_floats(int chunk, int W, int pad, int row_step)
+/* Floats of scratch nk_pamr_sweep_f32 needs for `chunk` channels and `levels` fused sweeps: per channel and
+ * level a ring of 2 pad / row_step + 1 class rows plus the two border rows. */
+int64_t nk_pamr_sweep_scratch_floats(int chunk, int W, int pad, int row_step, int levels)
 {
-    return (int64_t)chunk * (2 * (pad / row_step) + 3) * nk_ring_row_floats(W, pad);
+    return (int64_t)chunk * levels * (2 * (pad / row_step) + 3) * nk_ring_row_floats(W, pad);
 }
 
-/*
- * One PAMR sweep, in place, of the rows y with class_begin <= y % row_step < class_end of k float32 planes
- * (plane c is out + c out_cs, rows out_rs apart, columns contiguous):
- *     out_c(y, x) <- sum_n aff(y, x)[n] out_c(clamp(y + dy_n), clamp(x + dx_n))   (the previous sweep's values)
- * row_step divides every dy_n and pad (pad >= every |dy_n|, |dx_n|); border holds the planes' rows 0 and H - 1 as
- * nk_pamr_save_borders_f32 saved them before this sweep. Channels are taken `chunk` at a time; the rows of one
- * class of one chunk are swept top to bottom, with the class's rows y - pad .. y + pad in the chunk's rings and
- * the two border rows after them, so that every tap is an offset from the channel's ring.
- * With hres non-NULL (the first sweep) the previous values are not read from the planes but resized on the fly
- * from hres ([k, h, W], see nk_pamr_resize_columns_f32) with the row tables, and the planes are only written.
- * aff: as nk_pamr_affinity_f32 writes it. scratch: nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step) floats.
- * Returns 0, or -1 when an argument is inconsistent (nothing is written then).
- */
-int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, const float *aff,
-                      const int32_t *dy, const int32_t *dx, int n_taps, int pad, int row_step, int class_begin,
-                      int class_end, const float *border, const float *hres, int h, const int32_t *row_lo,
-                      const float *row_frac, int chunk, float *scratch, int64_t scratch_floats)
+/* Replicate a ring row's first and last interior values into its border columns (a row computed in place). */
+static inline void pad_ring_row(float *ring, int W, int pad, int64_t left, int64_t width)
 {
-    if (k < 1 || H < 1 || W < 1 || n_taps < 1 || chunk < 1 || pad < 1 || row_step < 1 || pad % row_step != 0 ||
-        class_begin < 0 || class_end > row_step || out_rs < W)
-        return -1;
-    if (scratch_floats < nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step))
+    for (int64_t i = left - pad; i < left; i++)
+        ring[i] = ring[left];
+    for (int64_t i = left + W; i < width; i++)
+        ring[i] = ring[left + W - 1];
+}
+
+/* Geometry shared by the sweep functions. */
+typedef struct {
+    int H, W, pad, row_step, slots, n_taps, fixed;
+    int64_t left, width, ring_floats, aff_row;
+    const float *aff;
+    const int32_t *dy, *dx;
+} sweep_geometry;
+
+static inline int64_t ring_slot(const sweep_geometry *g, int r)
+{
+    return r < 0 ? g->slots : (r >= g->H ? g->slots + 1 : (r / g->row_step) % g->slots);
+}
+
+/* Row y of `count` channels: channel c reads the ring at ring + c ring_cs (its class rows y - pad .. y + pad in
+ * their slots, then the two border rows) and writes dst + c dst_cs (W floats). */
+static void compute_row(const sweep_geometry *g, int y, float *ring, int64_t ring_cs, int count, float *dst,
+                        int64_t dst_cs, int64_t *tap)
+{
+    const float *aff_y = g->aff + (int64_t)y * g->aff_row;
+#ifdef NK_FIXED_DILATIONS
+    if (g->fixed) {
+        int64_t row_off[NK_FIXED_ROWS];
+        for (int j = 0; j < NK_FIXED_ROWS; j++)
+            row_off[j] = ring_slot(g, y + (j - NK_FIXED_ROWS / 2) * g->row_step) * g->width + g->left;
+        for (int cb0 = 0; cb0 < count; cb0 += NK_FIXED_CB) {
+            const int cb = count - cb0 < NK_FIXED_CB ? count - cb0 : NK_FIXED_CB;
+            float *ring_c[NK_FIXED_CB], *out_row[NK_FIXED_CB];
+            for (int c = 0; c < cb; c++) {
+                ring_c[c] = ring + (cb0 + c) * ring_cs;
+                out_row[c] = dst + (cb0 + c) * dst_cs;
+            }
+            sweep_fixed_block(cb, ring_c, row_off, aff_y, g->W, out_row);
+        }
+        return;
+    }
+#endif
+    for (int n = 0; n < g->n_taps; n++)
+        tap[n] = ring_slot(g, y + g->dy[n]) * g->width + g->left + g->dx[n];
+    for (int cb0 = 0; cb0 < count; cb0 += NK_CB) {
+        const int cb = count - cb0 < NK_CB ? count - cb0 : NK_CB;
+        float *ring_c[NK_CB], *out_row[NK_CB];
+        for (int c = 0; c < cb; c++) {
+            ring_c[c] = ring + (cb0 + c) * ring_cs;
+            out_row[c] = dst + (cb0 + c) * dst_cs;
+        }
+        sweep_row_block(cb, ring_c, tap, aff_y, g->n_taps, g->W, out_row);
+    }
+}
+
+static int init_geometry(sweep_geometry *g, int H, int W, const float *aff, const int32_t *dy, const int32_t *dx,
+                         int n_taps, int pad, int row_step)
+{
+    if (H < 1 || W < 1 || n_taps < 1 || pad < 1 || row_step < 1 || pad % row_step != 0)
         return -1;
     for (int n = 0; n < n_taps; n++)
         if (dy[n] < -pad || dy[n] > pad || dx[n] < -pad || dx[n] > pad || dy[n] % row_step != 0)
             return -1;
-    const int slots = 2 * (pad / row_step) + 1;
-    const int64_t left = ring_left(pad), width = nk_ring_row_floats(W, pad), per_channel = (slots + 2) * width;
-    const int64_t aff_row = affinity_row_floats(W, n_taps);
+    g->H = H, g->W = W, g->pad = pad, g->row_step = row_step, g->n_taps = n_taps;
+    g->slots = 2 * (pad / row_step) + 1;
+    g->left = ring_left(pad), g->width = nk_ring_row_floats(W, pad);
+    g->ring_floats = (g->slots + 2) * g->width;
+    g->aff_row = affinity_row_floats(W, n_taps), g->aff = aff, g->dy = dy, g->dx = dx;
 #ifdef NK_FIXED_DILATIONS
-    const int fixed = fixed_taps_match(dy, dx, n_taps, pad, row_step);
+    g->fixed = fixed_taps_match(dy, dx, n_taps, pad, row_step);
+#else
+    g->fixed = 0;
 #endif
+    return 0;
+}
+
+/*
+ * Rows 0 and H - 1 of k planes after one sweep, replicate-padded, into border + c border_cs + 2 width (the
+ * second-level border rows of a two-sweep pass); the planes hold the sweep's input and border + c border_cs its
+ * rows 0 and H - 1 (nk_pamr_save_borders_f32). scratch: nk_pamr_sweep_scratch_floats(1, W, pad, row_step, 1).
+ */
+int nk_pamr_next_borders_f32(const float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W,
+                             const float *aff, const int32_t *dy, const int32_t *dx, int n_taps, int pad,
+                             int row_step, float *border, int64_t border_cs, float *scratch, int64_t scratch_floats)
+{
+    sweep_geometry g;
+    if (init_geometry(&g, H, W, aff, dy, dx, n_taps, pad, row_step) != 0 || k < 0 || out_rs < W ||
+        border_cs < 4 * g.width || scratch_floats < g.ring_floats)
+        return -1;
+    int64_t tap[n_taps];
+    for (int64_t c = 0; c < k; c++) {
+        const float *plane = out + c * out_cs;
+        float *saved = border + c * border_cs;
+        memcpy(scratch + g.slots * g.width, saved, 2 * (size_t)g.width * sizeof(float));
+        for (int side = 0; side < 2; side++) {
+            const int y = side ? H - 1 : 0;
+            for (int r = y - pad; r <= y + pad; r += row_step)
+                if (r >= 0 && r < H)
+                    fill_ring_row(scratch + ring_slot(&g, r) * g.width, plane + (int64_t)r * out_rs, W, pad, g.left,
+                                  g.width);
+            float *next = saved + (2 + side) * g.width;
+            compute_row(&g, y, scratch, 0, 1, next + g.left, 0, tap);
+            pad_ring_row(next, W, pad, g.left, g.width);
+        }
+    }
+    return 0;
+}
+
+/*
+ * `levels` (1 or 2) PAMR sweeps in one pass, in place, of the rows y with class_begin <= y % row_step < class_end
+ * of k float32 planes (plane c is out + c out_cs, rows out_rs apart, columns contiguous):
+ *     out_c(y, x) <- sum_n aff(y, x)[n] out_c(clamp(y + dy_n), clamp(x + dx_n))   (the previous sweep's values)
+ * row_step divides every dy_n and pad (pad >= every |dy_n|, |dx_n|). border + c border_cs holds channel c's rows
+ * 0 and H - 1 before the pass (nk_pamr_save_borders_f32) and, for two levels, after the first sweep
+ * (nk_pamr_next_borders_f32). Channels are taken `chunk` at a time; the rows of one class of one chunk are swept
+ * top to bottom with the class's rows y - pad .. y + pad of each level in the chunk's rings. With two levels the
+ * first sweep's rows live only in the second ring, pad rows ahead of the second sweep, which writes the planes:
+ * each plane row crosses memory once per two sweeps.
+ * With hres non-NULL (one level only: the first sweep) the previous values are not read from the planes but
+ * resized on the fly from hres ([k, h, W], see nk_pamr_resize_columns_f32), and the planes are only written.
+ * aff: as nk_pamr_affinity_f32 writes it. scratch: nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, levels).
+ * Returns 0, or -1 when an argument is inconsistent (nothing is written then).
+ */
+int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, const float *aff,
+                      const int32_t *dy, const int32_t *dx, int n_taps, int pad, int row_step, int class_begin,
+                      int class_end, int levels, const float *border, int64_t border_cs, const float *hres, int h,
+                      const int32_t *row_lo, const float *row_frac, int chunk, float *scratch,
+                      int64_t scratch_floats)
+{
+    sweep_geometry g;
+    if (init_geometry(&g, H, W, aff, dy, dx, n_taps, pad, row_step) != 0 || k < 1 || chunk < 1 ||
+        class_begin < 0 || class_end > row_step || out_rs < W || levels < 1 || levels > 2 || (hres && levels != 1) ||
+        border_cs < 2 * levels * g.width)
+        return -1;
+    if (scratch_floats < nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, levels))
+        return -1;
+    const int steps = pad / row_step;                 /* class rows between a row and its farthest tap */
+    const int64_t per_channel = levels * g.ring_floats, width = g.width, left = g.left;
     int64_t tap[n_taps];
     for (int rho = class_begin; rho < class_end && rho < H; rho++) {
+        const int rows = (H - rho + row_step - 1) / row_step;   /* rows of the class: y_j = rho + j row_step */
         for (int64_t c0 = 0; c0 < k; c0 += chunk) {
             const int count = (int)(k - c0 < chunk ? k - c0 : chunk);
             float *const first_plane = out + c0 * out_cs;
-#define NK_SLOT(r) (((r) / row_step) % slots)
-#define NK_FILL(c, r)                                                                                             \
+#define NK_FILL(c, j)                                                                                             \
     do {                                                                                                          \
-        float *ring_row = scratch + (c) * per_channel + NK_SLOT(r) * width;                                       \
+        const int r_ = rho + (j) * row_step;                                                                      \
+        float *ring_row = scratch + (c) * per_channel + ring_slot(&g, r_) * width;                                \
         if (hres)                                                                                                 \
-            fill_ring_row_resized(ring_row, hres + (c0 + (c)) * h * W, (r), h, row_lo, row_frac, W, pad, left,    \
+            fill_ring_row_resized(ring_row, hres + (c0 + (c)) * h * W, r_, h, row_lo, row_frac, W, pad, left,     \
                                   width);                                                                         \
         else                                                                                                      \
-            fill_ring_row(ring_row, first_plane + (c) * out_cs + (int64_t)(r) * out_rs, W, pad, left, width);     \
+            fill_ring_row(ring_row, first_plane + (c) * out_cs + (int64_t)r_ * out_rs, W, pad, left, width);      \
     } while (0)
             for (int c = 0; c < count; c++) {
-                float *ring = scratch + c * per_channel;
-                memcpy(ring + slots * width, border + 2 * (c0 + c) * width, 2 * (size_t)width * sizeof(float));
-                for (int r = rho; r < H && r <= rho + pad; r += row_step)
-                    NK_FILL(c, r);
+                for (int l = 0; l < levels; l++)
+                    memcpy(scratch + c * per_channel + l * g.ring_floats + g.slots * width,
+                           border + (c0 + c) * border_cs + 2 * l * width, 2 * (size_t)width * sizeof(float));
+                for (int j = 0; j < rows && j <= steps; j++)
+                    NK_FILL(c, j);
             }
-            for (int y = rho; y < H; y += row_step) {
-                const int incoming = y + pad;
-                if (y > rho && incoming < H)
-                    for (int c = 0; c < count; c++)
-                        NK_FILL(c, incoming);
-                /* The class's next incoming rows and affinity row: one stream per channel, more than the hardware
-                 * prefetchers follow, so they are requested explicitly. */
-                if (NK_PREFETCH_STEPS > 0 && !hres && incoming + NK_PREFETCH_STEPS * row_step < H)
-                    for (int c = 0; c < count; c++)
-                        prefetch_span(first_plane + c * out_cs + (int64_t)(incoming + NK_PREFETCH_STEPS * row_step) *
-                                      out_rs, W);
-                if (NK_PREFETCH_STEPS > 0 && y + NK_PREFETCH_STEPS * row_step < H)
-                    prefetch_span(aff + (int64_t)(y + NK_PREFETCH_STEPS * row_step) * aff_row, aff_row);
-                const float *aff_y = aff + (int64_t)y * aff_row;
-#ifdef NK_FIXED_DILATIONS
-                if (fixed) {
-                    int64_t row_off[NK_FIXED_ROWS];
-                    for (int j = 0; j < NK_FIXED_ROWS; j++) {
-                        const int r = y + (j - NK_FIXED_ROWS / 2) * row_step;
-                        row_off[j] = (r < 0 ? slots : (r >= H ? slots + 1 : NK_SLOT(r))) * width + left;
+            /* Step s: the first level computes class row s, the second (if any) class row s - steps. */
+            for (int s = 0; s < rows + (levels - 1) * steps; s++) {
+                if (s < rows) {
+                    const int y = rho + s * row_step;
+                    if (s > 0 && s + steps < rows)
+                        for (int c = 0; c < count; c++)
+                            NK_FILL(c, s + steps);
+                    /* The class's next incoming rows and affinity row: one stream per channel, more than the
+                     * hardware prefetchers follow, so they are requested explicitly. */
+                    const int ahead = y + pad + NK_PREFETCH_STEPS * row_step;
+                    if (NK_PREFETCH_STEPS > 0 && !hres && ahead < H)
+                        for (int c = 0; c < count; c++)
+                            prefetch_span(first_plane + c * out_cs + (int64_t)ahead * out_rs, W);
+                    if (NK_PREFETCH_STEPS > 0 && y + NK_PREFETCH_STEPS * row_step < H)
+                        prefetch_span(aff + (int64_t)(y + NK_PREFETCH_STEPS * row_step) * g.aff_row, g.aff_row);
+                    if (levels == 1) {
+                        compute_row(&g, y, scratch, per_channel, count, first_plane + (int64_t)y * out_rs, out_cs,
+                                    tap);
+                        continue;
                     }
-                    for (int cb0 = 0; cb0 < count; cb0 += NK_FIXED_CB) {
-                        const int cb = count - cb0 < NK_FIXED_CB ? count - cb0 : NK_FIXED_CB;
-                        float *ring_c[NK_FIXED_CB], *out_row[NK_FIXED_CB];
-                        for (int c = 0; c < cb; c++) {
-                            ring_c[c] = scratch + (cb0 + c) * per_channel;
-                            out_row[c] = first_plane + (cb0 + c) * out_cs + (int64_t)y * out_rs;
-                        }
-                        sweep_fixed_block(cb, ring_c, row_off, aff_y, W, out_row);
-                    }
-                    continue;
+                    float *second = scratch + g.ring_floats;
+                    float *dst = second + ring_slot(&g, y) * width;
+                    compute_row(&g, y, scratch, per_channel, count, dst + left, per_channel, tap);
+                    for (int c = 0; c < count; c++)
+                        pad_ring_row(dst + c * per_channel, W, pad, left, width);
                 }
-#endif
-                for (int n = 0; n < n_taps; n++) {
-                    const int r = y + dy[n];
-                    const int64_t slot = r < 0 ? slots : (r >= H ? slots + 1 : NK_SLOT(r));
-                    tap[n] = slot * width + left + dx[n];
+                const int j = s - steps;
+                if (levels == 2 && j >= 0) {
+                    const int y = rho + j * row_step;
+                    compute_row(&g, y, scratch + g.ring_floats, per_channel, count,
+                                first_plane + (int64_t)y * out_rs, out_cs, tap);
                 }
-#undef NK_SLOT
+            }
 #undef NK_FILL
-                for (int cb0 = 0; cb0 < count; cb0 += NK_CB) {
-                    const int cb = count - cb0 < NK_CB ? count - cb0 : NK_CB;
-                    float *ring_c[NK_CB], *out_row[NK_CB];
-                    for (int c = 0; c < cb; c++) {
-                        ring_c[c] = scratch + (cb0 + c) * per_channel;
-                        out_row[c] = first_plane + (cb0 + c) * out_cs + (int64_t)y * out_rs;
-                    }
-                    sweep_row_block(cb, ring_c, tap, aff_y, n_taps, W, out_row);
-                }
-            }
         }
     }
     return 0;

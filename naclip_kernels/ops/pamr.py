@@ -318,12 +318,14 @@ def _bind_native(lib) -> None:
         ("nk_vector_width", [], i32), ("nk_channel_block", [], i32), ("nk_fixed_taps", [], i32),
         ("nk_fixed_kernel_applies", [ptr, ptr, i32, i32, i32], i32),
         ("nk_affinity_floats", [i32, i32, i32], i64), ("nk_ring_row_floats", [i32, i32], i64),
-        ("nk_pamr_sweep_scratch_floats", [i32, i32, i32, i32], i64),
+        ("nk_pamr_sweep_scratch_floats", [i32, i32, i32, i32, i32], i64),
         ("nk_pamr_affinity_f32", [ptr, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, ptr, i32, i32], i32),
         ("nk_pamr_resize_columns_f32", [ptr, i64, i32, i32, i32, ptr, ptr, ptr], i32),
-        ("nk_pamr_save_borders_f32", [ptr, i64, i64, i64, i32, i32, i32, ptr, i32, ptr, ptr, ptr], i32),
-        ("nk_pamr_sweep_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, i32, ptr, ptr, i32,
-                               ptr, ptr, i32, ptr, i64], i32),
+        ("nk_pamr_save_borders_f32", [ptr, i64, i64, i64, i32, i32, i32, ptr, i32, ptr, ptr, ptr, i64], i32),
+        ("nk_pamr_next_borders_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, ptr, i64, ptr,
+                                      i64], i32),
+        ("nk_pamr_sweep_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, ptr, i64,
+                               ptr, i32, ptr, ptr, i32, ptr, i64], i32),
     ]:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
@@ -410,29 +412,35 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     group = channels if mask.dtype == torch.float32 else min(channels, threads * _STAGING_PLANES_PER_THREAD)
     staging = None if mask.dtype == torch.float32 else torch.empty(group, height, width, dtype=torch.float32)
     ring_row = int(lib.nk_ring_row_floats(width, pad))
-    border = torch.empty(group, 2, ring_row, dtype=torch.float32)
+    # Per channel: rows 0 and H - 1 before a pass and, for two-sweep passes, after its first sweep.
+    border = torch.empty(group, 2, 2, ring_row, dtype=torch.float32)
+    border_scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, 1)), dtype=torch.float32)
     classes = min(row_step, height)
     by_class = threads > 1 and classes >= threads
-    ring_bytes = 4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step))
-    max_chunk = max(block, int(_L2_FRACTION * _l2_cache_bytes() // ring_bytes) // block * block)
-
     hres = torch.empty(group, mask_h, width, dtype=torch.float32) if resize else None
+    # Passes: the first sweep alone when it reads the resize on the fly, then two sweeps per pass (each mask row
+    # then crosses memory once per two sweeps), and a last single sweep when the count is odd.
+    passes = [1] if resize else []
+    passes += [2] * ((num_iter - len(passes)) // 2)
+    passes += [1] * (num_iter - sum(passes))
+    max_chunks = {levels: max(block, int(_L2_FRACTION * _l2_cache_bytes() // (
+        4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels)))) // block * block)
+        for levels in set(passes)}
 
-    def sweep_job(planes, c0, c1, k0, k1, first):
+    def sweep_job(planes, c0, c1, k0, k1, levels, from_resize):
         count = c1 - c0
-        chunk = -(-count // -(-count // max_chunk))  # equal chunks of at most max_chunk channels
-        scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(chunk, width, pad, row_step)), dtype=torch.float32)
+        chunk = -(-count // -(-count // max_chunks[levels]))  # equal chunks of at most max_chunk channels
+        scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(chunk, width, pad, row_step, levels)),
+                              dtype=torch.float32)
         target, saved = planes[c0:c1], border[c0:c1]
-        # The first sweep of a resized mask reads the resize on the fly (hres), never a resized copy in memory.
-        from_resize = resize and first
         source = (hres[c0].data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if from_resize else (
             None, 0, None, None)
 
         def run():
             _check_native(lib.nk_pamr_sweep_f32(
                 target.data_ptr(), target.stride(0), target.stride(1), count, height, width, affinity.data_ptr(),
-                dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, k0, k1, saved.data_ptr(), *source, chunk,
-                scratch.data_ptr(), scratch.numel()), "a sweep")
+                dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, k0, k1, levels, saved.data_ptr(),
+                saved.stride(0), *source, chunk, scratch.data_ptr(), scratch.numel()), "a sweep")
         return run
 
     for b in range(batch):
@@ -458,19 +466,27 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                 _run_threads([functools.partial(resize_columns, c0, c1) for c0, c1 in _split(count, threads)])
             else:
                 planes.copy_(mask[b, g0:g1])
-            for it in range(num_iter):
-                first = it == 0
-                # The first sweep writes fresh output pages: split by channels there, as threads that split a page's
-                # rows by class would fault the same pages and contend for them.
-                if by_class and not (first and staging is None):
-                    jobs = [sweep_job(planes, 0, count, k0, k1, first) for k0, k1 in _split(classes, threads)]
+            for index, levels in enumerate(passes):
+                from_resize = resize and index == 0
+                # The first sweep writes fresh output pages: split by channels there, as threads that split a
+                # page's rows by class would fault the same pages and contend for them.
+                if by_class and not (from_resize and staging is None):
+                    jobs = [sweep_job(planes, 0, count, k0, k1, levels, from_resize)
+                            for k0, k1 in _split(classes, threads)]
                 else:
-                    jobs = [sweep_job(planes, c0, c1, 0, classes, first) for c0, c1 in _split(count, threads)]
-                source = (hres.data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if resize and first else (
+                    jobs = [sweep_job(planes, c0, c1, 0, classes, levels, from_resize)
+                            for c0, c1 in _split(count, threads)]
+                source = (hres.data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if from_resize else (
                     None, 0, None, None)
                 _check_native(lib.nk_pamr_save_borders_f32(planes.data_ptr(), planes.stride(0), planes.stride(1),
-                                                           count, height, width, pad, *source, border.data_ptr()),
-                              "saving the border rows")
+                                                           count, height, width, pad, *source, border.data_ptr(),
+                                                           border.stride(0)), "saving the border rows")
+                if levels == 2:
+                    _check_native(lib.nk_pamr_next_borders_f32(
+                        planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width,
+                        affinity.data_ptr(), dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, border.data_ptr(),
+                        border.stride(0), border_scratch.data_ptr(), border_scratch.numel()),
+                        "the border rows after one sweep")
                 _run_threads(jobs)
             if staging is not None:
                 out[b, g0:g1].copy_(planes)
