@@ -16,9 +16,13 @@
  * y - pad .. y + pad of the class, 2 pad / g + 1 rows, are copied (with replicate-padded border columns) into a
  * ring, so the vector loop reads every neighbour unclamped and row y is overwritten as soon as it is computed.
  * The border rows are saved before the sweep. Rings hold 5 rows per channel for (8, 16), not 33, so the rings
- * of dozens of channels fit in one core's L2 cache: each mask row crosses memory once per sweep and each
- * affinity row once per sweep and chunk of channels, and classes split across threads without any thread
- * waiting for another within a sweep.
+ * of dozens of channels fit in one core's L2 cache, and classes split across threads without any thread waiting
+ * for another within a sweep.
+ *
+ * Several sweeps per pass: sweep l + 1 of a class runs pad rows behind sweep l, reading sweep l's rows from a ring
+ * of its own, so a pass of T sweeps reads and writes each mask row once. The clamped taps of sweep l read rows 0
+ * and H - 1 after l - 1 sweeps; those come from sweeping short strips at the top and bottom first
+ * (nk_pamr_border_history_f32).
  */
 #include <math.h>
 #include <stdint.h>
@@ -397,25 +401,63 @@ int nk_pamr_resize_columns_f32(const float *src, int64_t k, int h, int w, int W,
 }
 
 /* The previous sweep's rows 0 and H - 1 of k planes, replicate-padded like ring rows, into border + c border_cs
- * (two rows of nk_ring_row_floats(W, pad)): what clamped taps read while those rows are being overwritten. With
- * hres non-NULL (the first sweep) the rows come from the resize instead, as in nk_pamr_sweep_f32. */
+ * (row 0) and border + c border_cs + width (row H - 1), width = nk_ring_row_floats(W, pad): what clamped taps read
+ * while those rows are being overwritten. `sides` selects them: bit 0 row 0, bit 1 row H - 1. With hres non-NULL
+ * (the first sweep) the rows come from the resize instead, as in nk_pamr_sweep_f32. */
 int nk_pamr_save_borders_f32(const float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, int pad,
                              const float *hres, int h, const int32_t *row_lo, const float *row_frac, float *border,
-                             int64_t border_cs)
+                             int64_t border_cs, int sides)
 {
     const int64_t left = ring_left(pad), width = nk_ring_row_floats(W, pad);
     if (k < 0 || H < 1 || W < 1 || pad < 1 || out_rs < W || border_cs < 2 * width)
         return -1;
-    for (int64_t c = 0; c < k; c++) {
-        float *top = border + c * border_cs, *bottom = top + width;
-        if (hres) {
-            fill_ring_row_resized(top, hres + c * h * W, 0, h, row_lo, row_frac, W, pad, left, width);
-            fill_ring_row_resized(bottom, hres + c * h * W, H - 1, h, row_lo, row_frac, W, pad, left, width);
-        } else {
-            fill_ring_row(top, out + c * out_cs, W, pad, left, width);
-            fill_ring_row(bottom, out + c * out_cs + (int64_t)(H - 1) * out_rs, W, pad, left, width);
+    for (int64_t c = 0; c < k; c++)
+        for (int side = 0; side < 2; side++) {
+            if (!(sides & (1 << side)))
+                continue;
+            const int r = side ? H - 1 : 0;
+            float *dst = border + c * border_cs + side * width;
+            if (hres)
+                fill_ring_row_resized(dst, hres + c * h * W, r, h, row_lo, row_frac, W, pad, left, width);
+            else
+                fill_ring_row(dst, out + c * out_cs + (int64_t)r * out_rs, W, pad, left, width);
         }
-    }
+    return 0;
+}
+
+/* dst row first_row + i row_step <- src row first_row + i row_step (i >= 0, < rows) of k planes of W floats. The
+ * launcher's small copies are done here, not by torch: a torch op leaves torch's OpenMP threads spinning for a
+ * while, competing for the cores with the threads about to run these kernels. */
+int nk_copy_rows_f32(float *dst, int64_t dst_cs, int64_t dst_rs, const float *src, int64_t src_cs, int64_t src_rs,
+                     int64_t k, int first_row, int rows, int row_step, int W)
+{
+    if (k < 0 || W < 0 || row_step < 1 || first_row < 0)
+        return -1;
+    for (int64_t c = 0; c < k; c++)
+        for (int r = first_row; r < rows; r += row_step)
+            memcpy(dst + c * dst_cs + (int64_t)r * dst_rs, src + c * src_cs + (int64_t)r * src_rs,
+                   (size_t)W * sizeof(float));
+    return 0;
+}
+
+/* The image x ([K, H, W] float32, any strides) replicate-padded into xpad ([K, H + 2 pad, x_rs], interior at row
+ * pad and column lpx): the layout nk_pamr_affinity_f32 reads. */
+int nk_pamr_pad_image_f32(const float *x, int64_t xs_k, int64_t xs_h, int64_t xs_w, int K, int H, int W, int pad,
+                          int lpx, float *xpad, int64_t x_rs)
+{
+    if (K < 1 || H < 1 || W < 1 || pad < 0 || lpx < pad || x_rs < lpx + W + pad)
+        return -1;
+    const int64_t plane = (int64_t)(H + 2 * pad) * x_rs;
+    for (int k = 0; k < K; k++)
+        for (int r = 0; r < H + 2 * pad; r++) {
+            const int sr = r - pad < 0 ? 0 : (r - pad >= H ? H - 1 : r - pad);
+            const float *srow = x + k * xs_k + (int64_t)sr * xs_h;
+            float *drow = xpad + k * plane + (int64_t)r * x_rs;
+            for (int64_t i = 0; i < x_rs; i++) {
+                const int64_t sc = i - lpx < 0 ? 0 : (i - lpx >= W ? W - 1 : i - lpx);
+                drow[i] = srow[sc * xs_w];
+            }
+        }
     return 0;
 }
 
@@ -505,48 +547,18 @@ static int init_geometry(sweep_geometry *g, int H, int W, const float *aff, cons
     return 0;
 }
 
-/*
- * Rows 0 and H - 1 of k planes after one sweep, replicate-padded, into border + c border_cs + 2 width (the
- * second-level border rows of a two-sweep pass); the planes hold the sweep's input and border + c border_cs its
- * rows 0 and H - 1 (nk_pamr_save_borders_f32). scratch: nk_pamr_sweep_scratch_floats(1, W, pad, row_step, 1).
- */
-int nk_pamr_next_borders_f32(const float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W,
-                             const float *aff, const int32_t *dy, const int32_t *dx, int n_taps, int pad,
-                             int row_step, float *border, int64_t border_cs, float *scratch, int64_t scratch_floats)
-{
-    sweep_geometry g;
-    if (init_geometry(&g, H, W, aff, dy, dx, n_taps, pad, row_step) != 0 || k < 0 || out_rs < W ||
-        border_cs < 4 * g.width || scratch_floats < g.ring_floats)
-        return -1;
-    int64_t tap[n_taps];
-    for (int64_t c = 0; c < k; c++) {
-        const float *plane = out + c * out_cs;
-        float *saved = border + c * border_cs;
-        memcpy(scratch + g.slots * g.width, saved, 2 * (size_t)g.width * sizeof(float));
-        for (int side = 0; side < 2; side++) {
-            const int y = side ? H - 1 : 0;
-            for (int r = y - pad; r <= y + pad; r += row_step)
-                if (r >= 0 && r < H)
-                    fill_ring_row(scratch + ring_slot(&g, r) * g.width, plane + (int64_t)r * out_rs, W, pad, g.left,
-                                  g.width);
-            float *next = saved + (2 + side) * g.width;
-            compute_row(&g, y, scratch, 0, 1, next + g.left, 0, tap);
-            pad_ring_row(next, W, pad, g.left, g.width);
-        }
-    }
-    return 0;
-}
+#define NK_MAX_LEVELS 8
 
 /*
- * `levels` (1 or 2) PAMR sweeps in one pass, in place, of the rows y with class_begin <= y % row_step < class_end
- * of k float32 planes (plane c is out + c out_cs, rows out_rs apart, columns contiguous):
+ * `levels` (1 to NK_MAX_LEVELS) PAMR sweeps in one pass, in place, of the rows y with
+ * class_begin <= y % row_step < class_end of k float32 planes (plane c is out + c out_cs, rows out_rs apart,
+ * columns contiguous):
  *     out_c(y, x) <- sum_n aff(y, x)[n] out_c(clamp(y + dy_n), clamp(x + dx_n))   (the previous sweep's values)
- * row_step divides every dy_n and pad (pad >= every |dy_n|, |dx_n|). border + c border_cs holds channel c's rows
- * 0 and H - 1 before the pass (nk_pamr_save_borders_f32) and, for two levels, after the first sweep
- * (nk_pamr_next_borders_f32). Channels are taken `chunk` at a time; the rows of one class of one chunk are swept
- * top to bottom with the class's rows y - pad .. y + pad of each level in the chunk's rings. With two levels the
- * first sweep's rows live only in the second ring, pad rows ahead of the second sweep, which writes the planes:
- * each plane row crosses memory once per two sweeps.
+ * row_step divides every dy_n and pad (pad >= every |dy_n|, |dx_n|). border + c border_cs + 2 l width holds
+ * channel c's rows 0 and H - 1 after l of the pass's sweeps, l < levels (nk_pamr_save_borders_f32 for l = 0).
+ * Channels are taken `chunk` at a time; the rows of one class of one chunk are swept top to bottom with the
+ * class's rows y - pad .. y + pad of each level in the chunk's rings. Sweep l + 1 runs pad rows behind sweep l and
+ * its rows live only in ring l; the last sweep writes the planes: each plane row crosses memory once per pass.
  * With hres non-NULL (one level only: the first sweep) the previous values are not read from the planes but
  * resized on the fly from hres ([k, h, W], see nk_pamr_resize_columns_f32), and the planes are only written.
  * aff: as nk_pamr_affinity_f32 writes it. scratch: nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, levels).
@@ -560,8 +572,8 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
 {
     sweep_geometry g;
     if (init_geometry(&g, H, W, aff, dy, dx, n_taps, pad, row_step) != 0 || k < 1 || chunk < 1 ||
-        class_begin < 0 || class_end > row_step || out_rs < W || levels < 1 || levels > 2 || (hres && levels != 1) ||
-        border_cs < 2 * levels * g.width)
+        class_begin < 0 || class_end > row_step || out_rs < W || levels < 1 || levels > NK_MAX_LEVELS ||
+        (hres && levels != 1) || border_cs < 2 * levels * g.width)
         return -1;
     if (scratch_floats < nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, levels))
         return -1;
@@ -590,7 +602,7 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
                 for (int j = 0; j < rows && j <= steps; j++)
                     NK_FILL(c, j);
             }
-            /* Step s: the first level computes class row s, the second (if any) class row s - steps. */
+            /* Step s: sweep l (1-based) computes class row s - (l - 1) steps from ring l - 1. */
             for (int s = 0; s < rows + (levels - 1) * steps; s++) {
                 if (s < rows) {
                     const int y = rho + s * row_step;
@@ -605,25 +617,68 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
                             prefetch_span(first_plane + c * out_cs + (int64_t)ahead * out_rs, W);
                     if (NK_PREFETCH_STEPS > 0 && y + NK_PREFETCH_STEPS * row_step < H)
                         prefetch_span(aff + (int64_t)(y + NK_PREFETCH_STEPS * row_step) * g.aff_row, g.aff_row);
-                    if (levels == 1) {
-                        compute_row(&g, y, scratch, per_channel, count, first_plane + (int64_t)y * out_rs, out_cs,
-                                    tap);
-                        continue;
-                    }
-                    float *second = scratch + g.ring_floats;
-                    float *dst = second + ring_slot(&g, y) * width;
-                    compute_row(&g, y, scratch, per_channel, count, dst + left, per_channel, tap);
-                    for (int c = 0; c < count; c++)
-                        pad_ring_row(dst + c * per_channel, W, pad, left, width);
                 }
-                const int j = s - steps;
-                if (levels == 2 && j >= 0) {
+                for (int l = 1; l <= levels; l++) {
+                    const int j = s - (l - 1) * steps;
+                    if (j < 0 || j >= rows)
+                        continue;
                     const int y = rho + j * row_step;
-                    compute_row(&g, y, scratch + g.ring_floats, per_channel, count,
-                                first_plane + (int64_t)y * out_rs, out_cs, tap);
+                    float *src = scratch + (l - 1) * g.ring_floats;
+                    if (l == levels) {
+                        compute_row(&g, y, src, per_channel, count, first_plane + (int64_t)y * out_rs, out_cs, tap);
+                    } else {
+                        float *dst = src + g.ring_floats + ring_slot(&g, y) * width;
+                        compute_row(&g, y, src, per_channel, count, dst + left, per_channel, tap);
+                        for (int c = 0; c < count; c++)
+                            pad_ring_row(dst + c * per_channel, W, pad, left, width);
+                    }
                 }
             }
 #undef NK_FILL
+        }
+    }
+    return 0;
+}
+
+/*
+ * Rows 0 and H - 1 of k planes after l sweeps, for 0 < l < levels, into border + c border_cs + 2 l width (the
+ * border rows a `levels`-sweep pass reads; border + c border_cs must already hold them before the pass). Row 0
+ * after l sweeps depends only on rows <= l pad of its class, so it is computed by sweeping that class in a strip of
+ * the first strip_rows = min(H, (levels - 1) pad + 1) rows (the strip's cut-off end does not reach row 0), and row
+ * H - 1 in a strip of the last rows. strip: k strip_rows W floats, strip_border: k 2 width floats, scratch:
+ * nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, 1). Single-threaded: a few rows of work.
+ */
+int nk_pamr_border_history_f32(const float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W,
+                               const float *aff, const int32_t *dy, const int32_t *dx, int n_taps, int pad,
+                               int row_step, int levels, float *border, int64_t border_cs, float *strip,
+                               float *strip_border, int chunk, float *scratch, int64_t scratch_floats)
+{
+    const int64_t width = nk_ring_row_floats(W, pad);
+    if (k < 1 || H < 1 || W < 1 || levels < 1 || levels > NK_MAX_LEVELS || pad < 1 || row_step < 1 ||
+        border_cs < 2 * levels * width)
+        return -1;
+    const int strip_rows = (levels - 1) * pad + 1 < H ? (levels - 1) * pad + 1 : H;
+    const int whole = strip_rows == H, classes = row_step < H ? row_step : H;
+    const int64_t strip_cs = (int64_t)strip_rows * W, aff_row = affinity_row_floats(W, n_taps);
+    for (int side = 0; side < 2; side++) {
+        const int first = side ? H - strip_rows : 0;
+        const int cls = side ? (strip_rows - 1) % row_step : 0;
+        /* The class's rows, and the strip's first and last rows, which its sweeps read as border rows (their
+         * values only reach rows past the cut-off, never the border row computed here, but they must be set). */
+        if (nk_copy_rows_f32(strip, strip_cs, W, out + (int64_t)first * out_rs, out_cs, out_rs, k, whole ? 0 : cls,
+                             strip_rows, whole ? 1 : row_step, W) != 0 ||
+            nk_copy_rows_f32(strip, strip_cs, W, out + (int64_t)first * out_rs, out_cs, out_rs, k, 0, strip_rows,
+                             strip_rows > 1 ? strip_rows - 1 : 1, W) != 0)
+            return -1;
+        for (int level = 1; level < levels; level++) {
+            if (nk_pamr_save_borders_f32(strip, strip_cs, W, k, strip_rows, W, pad, NULL, 0, NULL, NULL,
+                                         strip_border, 2 * width, 3) != 0 ||
+                nk_pamr_sweep_f32(strip, strip_cs, W, k, strip_rows, W, aff + first * aff_row, dy, dx, n_taps, pad,
+                                  row_step, whole ? 0 : cls, whole ? classes : cls + 1, 1, strip_border, 2 * width,
+                                  NULL, 0, NULL, NULL, chunk, scratch, scratch_floats) != 0 ||
+                nk_pamr_save_borders_f32(strip, strip_cs, W, k, strip_rows, W, pad, NULL, 0, NULL, NULL,
+                                         border + 2 * level * width, border_cs, 1 << side) != 0)
+                return -1;
         }
     }
     return 0;

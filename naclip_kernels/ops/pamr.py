@@ -267,6 +267,12 @@ def _pamr_eager(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilation
 # channel, see pamr_cpu.c) within this share of one core's L2 cache.
 _L2_FRACTION = 0.5
 _DEFAULT_L2_BYTES = 1 << 20
+# Sweeps fused into one pass over the mask (nk_pamr_sweep_f32): each mask row crosses memory once per pass, but
+# every extra sweep adds a ring per channel (smaller chunks, so more affinity reads) and a few border-strip rows.
+# Measured on the dev CPU at 336x448 / 171 queries, 560x1120 / 19 and 1024x2048 / 56 (medians, alternating runs):
+# 3 was as fast as 2 or faster everywhere, 4 slower at 171 queries.
+_SWEEPS_PER_PASS = 3
+_MAX_SWEEPS_PER_PASS = 8     # NK_MAX_LEVELS in pamr_cpu.c
 # Masks in another dtype than float32 are swept in float32 groups of this many planes per thread, each rounded
 # into the output: the float32 staging stays a few planes, not a float32 copy of the whole mask.
 _STAGING_PLANES_PER_THREAD = 16
@@ -321,9 +327,11 @@ def _bind_native(lib) -> None:
         ("nk_pamr_sweep_scratch_floats", [i32, i32, i32, i32, i32], i64),
         ("nk_pamr_affinity_f32", [ptr, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, ptr, i32, i32], i32),
         ("nk_pamr_resize_columns_f32", [ptr, i64, i32, i32, i32, ptr, ptr, ptr], i32),
-        ("nk_pamr_save_borders_f32", [ptr, i64, i64, i64, i32, i32, i32, ptr, i32, ptr, ptr, ptr, i64], i32),
-        ("nk_pamr_next_borders_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, ptr, i64, ptr,
-                                      i64], i32),
+        ("nk_pamr_save_borders_f32", [ptr, i64, i64, i64, i32, i32, i32, ptr, i32, ptr, ptr, ptr, i64, i32], i32),
+        ("nk_copy_rows_f32", [ptr, i64, i64, ptr, i64, i64, i64, i32, i32, i32, i32], i32),
+        ("nk_pamr_border_history_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, ptr, i64,
+                                        ptr, ptr, i32, ptr, i64], i32),
+        ("nk_pamr_pad_image_f32", [ptr, i64, i64, i64, i32, i32, i32, i32, i32, ptr, i64], i32),
         ("nk_pamr_sweep_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, ptr, i64,
                                ptr, i32, ptr, ptr, i32, ptr, i64], i32),
     ]:
@@ -382,12 +390,18 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     """PAMR with the compiled CPU kernels of ``naclip_kernels/csrc/pamr_cpu.c``: float32 affinities and sweeps, the
     output in the mask's dtype.
 
-    CPU tensors only, neither of them float64 (the caller checks). Work is split over ``torch.get_num_threads()``
-    Python threads (the C calls drop the GIL): the affinity pass by rows, the resize by channels, and each sweep by
-    residue classes of rows modulo ``gcd(dilations)`` when there are at least as many classes as threads (the
-    affinities are then read once per sweep), else by channels. The output is swept in place. Extra memory: the
-    ``[H, ~W, 8 L]`` affinities, the padded image, two saved border rows per channel, each thread's rings
-    (about half its L2 cache), and for masks that are not float32 a few float32 staging planes per thread.
+    CPU tensors only, neither of them float64 (the caller checks). Schedule: affinities once; the mask's column
+    resize into a small ``[C, h, W]`` buffer (the row resize happens on the fly in the first sweep, so the resized
+    mask is never written and read back); then passes of up to ``_SWEEPS_PER_PASS`` sweeps, in place in the output.
+    Work is split over ``torch.get_num_threads()`` Python threads (the C calls drop the GIL): the affinity pass
+    by rows, the resize by channels, and each pass by residue classes of rows modulo ``gcd(dilations)`` when there
+    are at least as many classes as threads (the affinities are then read once per sweep), else by channels.
+    Between those thread rounds only C runs (no torch op, which would leave torch's OpenMP threads spinning on
+    the cores the next round needs).
+
+    Extra memory: the ``[H, ~W, 8 L]`` affinities, the padded image, the ``[C, h, W]`` column resize, a few saved
+    border rows per channel, each thread's rings (about half its L2 cache), and for masks that are not float32 a
+    few float32 staging planes per thread.
     """
     _bind_native(lib)
     batch, _, height, width = image.shape
@@ -404,47 +418,74 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     if resize:
         row_lo, row_frac = _resize_tables(height, mask_h)
         col_lo, col_frac = _resize_tables(width, mask_w)
-    # The image, replicate-padded once: the affinity loop then reads every neighbour (and the whole last vector of
-    # a row) without clamping.
-    xpad = F.pad(image.float(), (pad, -(-width // vector) * vector - width + pad, pad, pad), mode="replicate")
-    xpad = xpad.contiguous()
+    # The image, replicate-padded once (in C: see nk_copy_rows_f32 on torch ops between these kernels): the
+    # affinity loop then reads every neighbour (and the whole last vector of a row) without clamping.
+    image32 = image if image.dtype == torch.float32 else image.float()
+    x_rs = -(-width // vector) * vector + 2 * pad
+    xpad = torch.empty(batch, image.shape[1], height + 2 * pad, x_rs, dtype=torch.float32)
     affinity = torch.empty(int(lib.nk_affinity_floats(height, width, n_taps)), dtype=torch.float32)
     group = channels if mask.dtype == torch.float32 else min(channels, threads * _STAGING_PLANES_PER_THREAD)
     staging = None if mask.dtype == torch.float32 else torch.empty(group, height, width, dtype=torch.float32)
     ring_row = int(lib.nk_ring_row_floats(width, pad))
-    # Per channel: rows 0 and H - 1 before a pass and, for two-sweep passes, after its first sweep.
-    border = torch.empty(group, 2, 2, ring_row, dtype=torch.float32)
-    border_scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, 1)), dtype=torch.float32)
     classes = min(row_step, height)
     by_class = threads > 1 and classes >= threads
     hres = torch.empty(group, mask_h, width, dtype=torch.float32) if resize else None
-    # Passes: the first sweep alone when it reads the resize on the fly, then two sweeps per pass (each mask row
-    # then crosses memory once per two sweeps), and a last single sweep when the count is odd.
+    # Passes: the first sweep alone when it reads the resize on the fly, then _SWEEPS_PER_PASS sweeps per pass, the
+    # remainder last.
+    fused = max(1, min(_SWEEPS_PER_PASS, _MAX_SWEEPS_PER_PASS))
     passes = [1] if resize else []
-    passes += [2] * ((num_iter - len(passes)) // 2)
-    passes += [1] * (num_iter - sum(passes))
+    while sum(passes) < num_iter:
+        passes.append(min(fused, num_iter - sum(passes)))
+    most = max(passes)
+    # Per channel: rows 0 and H - 1 after each sweep of a pass but the last (what clamped taps read).
+    border = torch.empty(group, most, 2, ring_row, dtype=torch.float32)
+    # Scratch of nk_pamr_border_history_f32, which computes those rows from strips of the first and last rows.
+    strip_rows = min(height, (most - 1) * pad + 1)
+    strip = torch.empty(group, strip_rows, width, dtype=torch.float32) if most > 1 else None
+    strip_border = torch.empty(group, 2, ring_row, dtype=torch.float32)
     max_chunks = {levels: max(block, int(_L2_FRACTION * _l2_cache_bytes() // (
         4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels)))) // block * block)
-        for levels in set(passes)}
+        for levels in set(passes) | {1}}
 
-    def sweep_job(planes, c0, c1, k0, k1, levels, from_resize):
+    def sweep_job(planes, c0, c1, k0, k1, levels, from_resize, rows=height, aff_ptr=None, borders=None):
         count = c1 - c0
         chunk = -(-count // -(-count // max_chunks[levels]))  # equal chunks of at most max_chunk channels
         scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(chunk, width, pad, row_step, levels)),
                               dtype=torch.float32)
-        target, saved = planes[c0:c1], border[c0:c1]
+        target, saved = planes[c0:c1], (border if borders is None else borders)[c0:c1]
         source = (hres[c0].data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if from_resize else (
             None, 0, None, None)
+        aff_ptr = affinity.data_ptr() if aff_ptr is None else aff_ptr
 
         def run():
             _check_native(lib.nk_pamr_sweep_f32(
-                target.data_ptr(), target.stride(0), target.stride(1), count, height, width, affinity.data_ptr(),
+                target.data_ptr(), target.stride(0), target.stride(1), count, rows, width, aff_ptr,
                 dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, k0, k1, levels, saved.data_ptr(),
                 saved.stride(0), *source, chunk, scratch.data_ptr(), scratch.numel()), "a sweep")
         return run
 
+    def save_borders(planes, count, rows, into, sides=3, source=(None, 0, None, None)):
+        _check_native(lib.nk_pamr_save_borders_f32(planes.data_ptr(), planes.stride(0), planes.stride(1), count,
+                                                   rows, width, pad, *source, into.data_ptr(), into.stride(0),
+                                                   sides), "saving the border rows")
+
+    strip_chunk = max_chunks[1]
+    strip_scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(strip_chunk, width, pad, row_step, 1)),
+                                dtype=torch.float32)
+
+    def border_history(planes, count, levels):
+        """border[:, l] = rows 0 and H - 1 after l sweeps, 0 < l < levels (see nk_pamr_border_history_f32)."""
+        _check_native(lib.nk_pamr_border_history_f32(
+            planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width, affinity.data_ptr(),
+            dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, levels, border.data_ptr(), border.stride(0),
+            strip.data_ptr(), strip_border.data_ptr(), strip_chunk, strip_scratch.data_ptr(), strip_scratch.numel()),
+            "the border rows of a pass")
+
     for b in range(batch):
         xb = xpad[b]
+        _check_native(lib.nk_pamr_pad_image_f32(
+            image32[b].data_ptr(), image32.stride(1), image32.stride(2), image32.stride(3), image.shape[1], height,
+            width, pad, pad, xb.data_ptr(), x_rs), "padding the image")
 
         def affinity_rows(y0, y1, xb=xb):
             _check_native(lib.nk_pamr_affinity_f32(
@@ -478,15 +519,9 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                             for c0, c1 in _split(count, threads)]
                 source = (hres.data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if from_resize else (
                     None, 0, None, None)
-                _check_native(lib.nk_pamr_save_borders_f32(planes.data_ptr(), planes.stride(0), planes.stride(1),
-                                                           count, height, width, pad, *source, border.data_ptr(),
-                                                           border.stride(0)), "saving the border rows")
-                if levels == 2:
-                    _check_native(lib.nk_pamr_next_borders_f32(
-                        planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width,
-                        affinity.data_ptr(), dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, border.data_ptr(),
-                        border.stride(0), border_scratch.data_ptr(), border_scratch.numel()),
-                        "the border rows after one sweep")
+                save_borders(planes, count, height, border, source=source)
+                if levels > 1:
+                    border_history(planes, count, levels)
                 _run_threads(jobs)
             if staging is not None:
                 out[b, g0:g1].copy_(planes)
