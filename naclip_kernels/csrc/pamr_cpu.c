@@ -496,32 +496,31 @@ static void compute_row(const sweep_geometry *g, int y, float *ring, int64_t rin
                         int64_t dst_cs, int64_t *tap)
 {
     const float *aff_y = g->aff + (int64_t)y * g->aff_row;
+    int block = NK_CB;
 #ifdef NK_FIXED_DILATIONS
+    int64_t row_off[NK_FIXED_ROWS];
     if (g->fixed) {
-        int64_t row_off[NK_FIXED_ROWS];
+        block = NK_FIXED_CB; /* <= NK_CB: the pointer arrays below hold either */
         for (int j = 0; j < NK_FIXED_ROWS; j++)
             row_off[j] = ring_slot(g, y + (j - NK_FIXED_ROWS / 2) * g->row_step) * g->width + g->left;
-        for (int cb0 = 0; cb0 < count; cb0 += NK_FIXED_CB) {
-            const int cb = count - cb0 < NK_FIXED_CB ? count - cb0 : NK_FIXED_CB;
-            float *ring_c[NK_FIXED_CB], *out_row[NK_FIXED_CB];
-            for (int c = 0; c < cb; c++) {
-                ring_c[c] = ring + (cb0 + c) * ring_cs;
-                out_row[c] = dst + (cb0 + c) * dst_cs;
-            }
-            sweep_fixed_block(cb, ring_c, row_off, aff_y, g->W, out_row);
-        }
-        return;
     }
 #endif
-    for (int n = 0; n < g->n_taps; n++)
-        tap[n] = ring_slot(g, y + g->dy[n]) * g->width + g->left + g->dx[n];
-    for (int cb0 = 0; cb0 < count; cb0 += NK_CB) {
-        const int cb = count - cb0 < NK_CB ? count - cb0 : NK_CB;
+    if (!g->fixed)
+        for (int n = 0; n < g->n_taps; n++)
+            tap[n] = ring_slot(g, y + g->dy[n]) * g->width + g->left + g->dx[n];
+    for (int cb0 = 0; cb0 < count; cb0 += block) {
+        const int cb = count - cb0 < block ? count - cb0 : block;
         float *ring_c[NK_CB], *out_row[NK_CB];
         for (int c = 0; c < cb; c++) {
             ring_c[c] = ring + (cb0 + c) * ring_cs;
             out_row[c] = dst + (cb0 + c) * dst_cs;
         }
+#ifdef NK_FIXED_DILATIONS
+        if (g->fixed) {
+            sweep_fixed_block(cb, ring_c, row_off, aff_y, g->W, out_row);
+            continue;
+        }
+#endif
         sweep_row_block(cb, ring_c, tap, aff_y, g->n_taps, g->W, out_row);
     }
 }
