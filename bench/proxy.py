@@ -131,19 +131,29 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--cases", default=None, help="comma-separated subset of the cases, e.g. dino_b8_336")
     parser.add_argument("--features", default=None, help="comma-separated subset of random,regions")
     parser.add_argument("--no-segmenter", action="store_true", help="only the attention part")
+    parser.add_argument("--segmenter-only", action="store_true", help="only the whole-segmenter part")
     return parser
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.segmenter_only and args.no_segmenter:
+        raise SystemExit("--segmenter-only and --no-segmenter exclude each other")
+    if args.segmenter_only:
+        finalize(args)
+        return {"segmenter": segmenter_part(args)}
     doc = run(args)
     if not args.no_segmenter:
         segmenter_part(args)
     return doc
 
 
-def run(args) -> Dict[str, Any]:
+def finalize(args) -> None:
     cli_args.finalize_args(args, gpu_dtypes="float16,bfloat16", total_min=15.0)
+
+
+def run(args) -> Dict[str, Any]:
+    finalize(args)
     providers = args.provider_list or PROVIDERS
     phases = sweep.provider_phases(providers, PROVIDERS + OPTIONAL_PROVIDERS, baseline="original")
     cases = QUICK_CASES if args.quick else CASES

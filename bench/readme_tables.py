@@ -110,8 +110,12 @@ def render(doc: Dict[str, Any], bench: str) -> str:
         cfg = doc.get("config", {})
         size_cols = [("workload", lambda r: f"{r['workload']} {r['image']}"), ("queries", lambda r: r["queries"])]
         providers = PROXY_SEGMENT_PROVIDERS
+        # The rows record the batch the segmenter chose (window_batch_size_used) when the config left it to it.
+        used = sorted({r["window_batch_size_used"] for r in doc.get("rows", [])
+                       if r.get("provider") == "fast" and r.get("window_batch_size_used") is not None})
+        batch = "/".join(map(str, used)) if used else cfg.get("fast_window_batch_size")
         title = (f"Whole ProxyCLIP segmenter ({cfg.get('model', 'ViT-B-16')} + {cfg.get('vfm', 'dino_vitb8')}, "
-                 f"random weights, no PAMR; fast: {cfg.get('fast_window_batch_size')} window(s) per pass)")
+                 f"random weights, no PAMR; fast: {batch} window(s) per pass)")
     else:
         size_cols = [("workload", lambda r: f"{r['workload']} {r['image']}"), ("queries", lambda r: r["queries"])]
         providers = SEGMENT_PROVIDERS

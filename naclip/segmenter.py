@@ -131,19 +131,29 @@ class Preprocessor:
         return PreparedImage(resized, (int(x.shape[-2]), int(x.shape[-1])))
 
 
-def default_window_batch_size(device: Any) -> int:
-    """Sliding windows per forward pass when ``window_batch_size=None``: 16 on CUDA, 4 elsewhere.
+# On a CPU, windows are batched until the matrix products have about this many rows (tokens): enough for the GEMM
+# kernels' full rate, few enough for the activations to stay in the caches (see default_window_batch_size).
+_CPU_GEMM_ROWS = 800
+
+
+def default_window_batch_size(device: Any, tokens_per_window: int = 197) -> int:
+    """Sliding windows per forward pass when ``window_batch_size=None``: 16 on CUDA; on a CPU, as many windows as
+    make about 800 tokens per pass (4 CLIP ViT-B/16 windows of 224, one ProxyCLIP window with a DINO ViT-B/8).
 
     On a GPU one window (197 tokens) cannot fill the device, so windows are batched. On a CPU the matrix products of
-    one window (197 x 768 by 768 x 3072 and the like) are too short for the GEMM kernels: measured on the 2-core
-    dev CPU (float32, torch's CPU BLAS), ViT-B's four linear layers ran at 129 GFLOP/s with 197 rows, 177 with 788
-    (4 windows) and 189 with 1576. Batching also multiplies the activations, though: at 16 windows a ViT-B block's
-    MLP hidden state is 39 MB and its attention scores 30 MB, past the caches. Four windows is the measured best
-    of both. A 560x1120 Cityscapes-like encode (36 windows, ViT-B/16, random weights) took 8.8-9.1 s at 1 window
-    per pass, 7.4 s at 2, 7.0-7.3 s at 4, 7.7 s at 8 and 8.4 s at 16, so batches of 4 are never slower than the
-    original one-window loop. Whole-image inference is one window, so it is unaffected.
+    one CLIP window (197 x 768 by 768 x 3072 and the like) are too short for the GEMM kernels: measured on the
+    2-core dev CPU (float32, torch's CPU BLAS), ViT-B's four linear layers ran at 129 GFLOP/s with 197 rows, 177
+    with 788 (4 windows) and 189 with 1576. Batching also multiplies the activations, though: at 16 windows a
+    ViT-B block's MLP hidden state is 39 MB and its attention scores 30 MB, past the caches. About 800 rows is the
+    measured best of both. A 560x1120 Cityscapes-like encode (36 windows, ViT-B/16, random weights) took 8.8-9.1 s
+    at 1 window per pass, 7.4 s at 2, 7.0-7.3 s at 4, 7.7 s at 8 and 8.4 s at 16. A window whose largest tower
+    already has ~800 tokens or more (ProxyCLIP's DINO ViT-B/8 on a 336 window: 1765) runs one at a time.
+    Whole-image inference is one window, so it is unaffected.
     """
-    return 16 if torch.device(device).type == "cuda" else 4
+    if torch.device(device).type == "cuda":
+        return 16
+    return max(1, min(16, round(_CPU_GEMM_ROWS / max(1, tokens_per_window))))
+
 
 
 def _check_pos_int(name: str, value: Any) -> int:
@@ -205,7 +215,8 @@ class Segmenter:
             ``pad_to`` 56); unknown names raise ``ValueError``.
         backend: ``"auto"``/``"triton"``/``"torch"``/``"reference"`` for attention and PAMR.
         window_batch_size: sliding windows per forward pass (memory cap). ``None`` (default) picks it per device
-            (:func:`default_window_batch_size`): 16 on CUDA, 4 on CPU.
+            (:func:`default_window_batch_size`): 16 on CUDA; on a CPU about 800 tokens per pass (4 CLIP ViT-B/16
+            windows of 224, 1 ProxyCLIP window with a DINO ViT-B/8).
         templates: prompt templates (default: the 80 OpenAI ImageNet templates).
         cache_dir: text-embedding disk cache (default ``$NACLIP_CACHE_DIR/text`` or ``~/.cache/naclip/text``);
             ``False`` disables it. Random weights are never disk-cached.
@@ -301,8 +312,6 @@ class Segmenter:
                           "torch.float32", UserWarning, stacklevel=2)
             dtype = torch.float32
         self.device, self.dtype = device, dtype
-        if self.window_batch_size is None:
-            self.window_batch_size = default_window_batch_size(device)
 
         # ---- model
         if isinstance(model, LoadedCLIP):
@@ -348,6 +357,9 @@ class Segmenter:
                                              dtype=dtype, backend=backend, options=method_opts))
         # The attention family's NaclipPatch (None for methods that do not patch the model).
         self.handle = getattr(self.head, "handle", None)
+        if self.window_batch_size is None:
+            window = (self.slide[0], self.slide[0]) if self.slide is not None else (224, 224)
+            self.window_batch_size = default_window_batch_size(device, self.head.tokens_per_window(window))
 
     # ------------------------------------------------------------------------------------------------ options
     @classmethod

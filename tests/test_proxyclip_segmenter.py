@@ -206,3 +206,16 @@ def test_triton_proxy_attention_through_the_segmenter():
     torch.testing.assert_close(fast.logits, ref.logits, atol=t.atol, rtol=t.rtol,
                                msg=lambda m: f"{m} [tolerance: {t.reason}]")
     assert (fast.labels == ref.labels).double().mean().item() >= 0.999
+
+
+def test_window_batches_are_sized_by_the_larger_tower():
+    """On a CPU the default window batch counts the VFM's tokens when they outnumber CLIP's (a /8 VFM on the same
+    window has 4x the patches of a /16 CLIP)."""
+    from naclip.segmenter import default_window_batch_size
+
+    seg = proxy_segmenter(slide=(48, 32), short_side=None)
+    clip_patch = seg.model.visual.patch_size[0]
+    vfm_patch = seg.head.vfm.patch_size[0]
+    expected = max((-(-48 // clip_patch)) ** 2, (-(-48 // vfm_patch)) ** 2) + 1
+    assert seg.head.tokens_per_window((48, 48)) == expected
+    assert seg.window_batch_size == default_window_batch_size("cpu", expected)

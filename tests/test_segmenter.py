@@ -176,13 +176,19 @@ def test_window_batch_size_does_not_change_logits():
 
 
 def test_window_batch_size_default_is_per_device():
-    """None picks one window per pass on CPU (batching does not speed the CPU up) and 16 on CUDA;
-    an explicit value is kept."""
+    """None picks 16 windows per pass on CUDA and, on a CPU, about 800 tokens per pass (4 CLIP ViT-B/16 windows of
+    224, one window of 1765 tokens); an explicit value is kept."""
     from naclip.segmenter import default_window_batch_size
 
-    assert default_window_batch_size("cpu") == 4 and default_window_batch_size(torch.device("cpu")) == 4
-    assert default_window_batch_size("cuda") == 16 and default_window_batch_size("cuda:1") == 16
-    assert tiny_segmenter().window_batch_size == 4
+    assert default_window_batch_size("cpu") == 4 and default_window_batch_size(torch.device("cpu"), 197) == 4
+    assert default_window_batch_size("cpu", 442) == 2 and default_window_batch_size("cpu", 1765) == 1
+    assert default_window_batch_size("cpu", 5) == 16                   # capped
+    assert default_window_batch_size("cuda") == 16 and default_window_batch_size("cuda:1", 1765) == 16
+    seg = tiny_segmenter()
+    crop = seg.slide[0] if seg.slide is not None else 224
+    tokens = seg.head.tokens_per_window((crop, crop))
+    assert tokens == (-(-crop // seg.model.visual.patch_size[0])) ** 2 + 1
+    assert seg.window_batch_size == default_window_batch_size("cpu", tokens)
     assert tiny_segmenter(window_batch_size=5).window_batch_size == 5
 
 

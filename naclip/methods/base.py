@@ -69,6 +69,14 @@ class DenseHead:
     def __call__(self, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:  # pragma: no cover
         raise NotImplementedError
 
+    def tokens_per_window(self, window: Tuple[int, int]) -> int:
+        """Tokens of the largest transformer pass one ``window`` (``(H, W)`` pixels) costs: the CLIP tower's patch
+        grid plus its prefix token by default; a head that runs another model on the window (ProxyCLIP's VFM)
+        reports the larger of the two. The segmenter sizes its CPU window batches from it."""
+        patch = self.model.visual.patch_size
+        ph, pw = (tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch))
+        return -(-window[0] // ph) * -(-window[1] // pw) + 1
+
     def remove(self) -> None:
         """Undo whatever the head did to the model (nothing by default)."""
 

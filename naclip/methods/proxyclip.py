@@ -119,6 +119,11 @@ class ProxyclipHead(DenseHead):
             x = x @ visual.proj
         return x, vfm_grid
 
+    def tokens_per_window(self, window: Tuple[int, int]) -> int:
+        size = self.vfm.input_size or window
+        vfm_tokens = -(-size[0] // self.vfm.patch_size[0]) * -(-size[1] // self.vfm.patch_size[1]) + 1
+        return max(super().tokens_per_window(window), vfm_tokens)
+
     def remove(self) -> None:
         self._pos_cache.clear()
 
