@@ -447,19 +447,27 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
         4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels)))) // block * block)
         for levels in set(passes) | {1}}
 
-    def sweep_job(planes, c0, c1, k0, k1, levels, from_resize, rows=height, aff_ptr=None, borders=None):
+    # Ring scratch per thread slot, reused by every pass of this call (fresh pages cost page faults each time).
+    scratch_pool: List[torch.Tensor] = []
+
+    def scratch_for(slot, floats):
+        while len(scratch_pool) <= slot:
+            scratch_pool.append(torch.empty(0, dtype=torch.float32))
+        if scratch_pool[slot].numel() < floats:
+            scratch_pool[slot] = torch.empty(floats, dtype=torch.float32)
+        return scratch_pool[slot]
+
+    def sweep_job(planes, c0, c1, k0, k1, levels, from_resize, slot, rows=height, aff_ptr=None, borders=None):
         count = c1 - c0
         chunk = -(-count // -(-count // max_chunks[levels]))  # equal chunks of at most max_chunk channels
-        scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(chunk, width, pad, row_step, levels)),
-                              dtype=torch.float32)
-        target, saved = planes[c0:c1], (border if borders is None else borders)[c0:c1]
+        scratch = scratch_for(slot, int(lib.nk_pamr_sweep_scratch_floats(chunk, width, pad, row_step, levels)))
+        target, saved = planes[c0:c1], border[c0:c1]
         source = (hres[c0].data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if from_resize else (
             None, 0, None, None)
-        aff_ptr = affinity.data_ptr() if aff_ptr is None else aff_ptr
 
         def run():
             _check_native(lib.nk_pamr_sweep_f32(
-                target.data_ptr(), target.stride(0), target.stride(1), count, rows, width, aff_ptr,
+                target.data_ptr(), target.stride(0), target.stride(1), count, height, width, affinity.data_ptr(),
                 dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, k0, k1, levels, saved.data_ptr(),
                 saved.stride(0), *source, chunk, scratch.data_ptr(), scratch.numel()), "a sweep")
         return run
@@ -512,11 +520,11 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                 # The first sweep writes fresh output pages: split by channels there, as threads that split a
                 # page's rows by class would fault the same pages and contend for them.
                 if by_class and not (from_resize and staging is None):
-                    jobs = [sweep_job(planes, 0, count, k0, k1, levels, from_resize)
-                            for k0, k1 in _split(classes, threads)]
+                    jobs = [sweep_job(planes, 0, count, k0, k1, levels, from_resize, slot)
+                            for slot, (k0, k1) in enumerate(_split(classes, threads))]
                 else:
-                    jobs = [sweep_job(planes, c0, c1, 0, classes, levels, from_resize)
-                            for c0, c1 in _split(count, threads)]
+                    jobs = [sweep_job(planes, c0, c1, 0, classes, levels, from_resize, slot)
+                            for slot, (c0, c1) in enumerate(_split(count, threads))]
                 source = (hres.data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if from_resize else (
                     None, 0, None, None)
                 save_borders(planes, count, height, border, source=source)
