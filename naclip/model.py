@@ -38,6 +38,7 @@ __all__ = [
     "load_clip",
     "import_open_clip",
     "check_vit",
+    "vision_patch_size",
     "NaclipBlock",
     "NaclipPatch",
     "patch_naclip",
@@ -229,6 +230,12 @@ def _load_file(open_clip, model: nn.Module, path: str, model_name: str) -> None:
         load_checkpoint_file(open_clip, model, path, model_name)
     except CheckpointError as exc:
         raise ModelLoadError(f"load_clip: could not load checkpoint {path!r} into {model_name!r}: {exc}") from exc
+
+
+def vision_patch_size(model: nn.Module) -> Tuple[int, int]:
+    """``(ph, pw)`` of an open_clip model's image patch embedding (open_clip stores an int or a pair)."""
+    patch = model.visual.patch_size
+    return (int(patch[0]), int(patch[1])) if isinstance(patch, (tuple, list)) else (int(patch), int(patch))
 
 
 def check_vit(model: nn.Module) -> None:

@@ -39,7 +39,7 @@ from naclip_kernels._backend import BACKENDS
 from naclip.image import CLIP_MEAN, CLIP_STD, is_image_like, normalize, resize_short_side, to_tensor
 from naclip.methods import DEFAULT_METHOD, MethodContext, get_method
 from naclip.methods.base import PIPELINE_SETTINGS
-from naclip.model import LoadedCLIP, check_vit, import_open_clip, load_clip
+from naclip.model import LoadedCLIP, check_vit, import_open_clip, load_clip, vision_patch_size
 from naclip.text import TextEncoder, parse_classes, read_class_file
 
 __all__ = ["Segmenter", "SegmentationResult", "PreparedImage", "Preprocessor", "default_window_batch_size"]
@@ -343,8 +343,7 @@ class Segmenter:
         self.loaded = loaded
         self.model = loaded.model
         self.mean, self.std = loaded.mean, loaded.std
-        patch_size = self.model.visual.patch_size
-        self.patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
+        self.patch_size = vision_patch_size(self.model)
         self.method_options = dict(method_opts)
 
         # ---- text (before patching, so that a bad class list or template cannot leave the model patched)

@@ -73,8 +73,9 @@ class DenseHead:
         """Tokens of the largest transformer pass one ``window`` (``(H, W)`` pixels) costs: the CLIP tower's patch
         grid plus its prefix token by default; a head that runs another model on the window (ProxyCLIP's VFM)
         reports the larger of the two. The segmenter sizes its CPU window batches from it."""
-        patch = self.model.visual.patch_size
-        ph, pw = (tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch))
+        from naclip.model import vision_patch_size
+
+        ph, pw = vision_patch_size(self.model)
         return -(-window[0] // ph) * -(-window[1] // pw) + 1
 
     def remove(self) -> None:

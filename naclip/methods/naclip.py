@@ -29,14 +29,13 @@ class AttentionHead(DenseHead):
     ``handle`` is the :class:`naclip.model.NaclipPatch` (``remove()`` restores the original last block)."""
 
     def __init__(self, context: MethodContext):
-        from naclip.model import patch_naclip
+        from naclip.model import patch_naclip, vision_patch_size
 
         opts = context.options
         self.model = context.model
         self.handle = patch_naclip(context.model, similarity=opts["similarity"], sigma=opts["sigma"],
                                    architecture=opts["architecture"], backend=context.backend)
-        patch = context.model.visual.patch_size
-        self.pad_multiple = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+        self.pad_multiple = vision_patch_size(context.model)
 
     @property
     def backend(self) -> str:

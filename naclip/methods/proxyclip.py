@@ -54,7 +54,7 @@ class ProxyclipHead(DenseHead):
     """ProxyCLIP's dense features on an open_clip ViT and a :class:`naclip.vfm.VFM` (see the module docstring)."""
 
     def __init__(self, context: MethodContext):
-        from naclip.model import check_vit, get_patch
+        from naclip.model import check_vit, get_patch, vision_patch_size
         from naclip.vfm import VFM, load_vfm
 
         opts = context.options
@@ -75,9 +75,7 @@ class ProxyclipHead(DenseHead):
             self.vfm = load_vfm(vfm, opts["vfm_pretrained"], device=context.device, dtype=context.dtype)
         self.clip_mean, self.clip_std = context.mean, context.std
         self.beta, self.gamma = float(opts["beta"]), float(opts["gamma"])
-        clip_patch = model.visual.patch_size
-        clip_patch = tuple(clip_patch) if isinstance(clip_patch, (tuple, list)) else (clip_patch, clip_patch)
-        self.clip_patch = clip_patch
+        clip_patch = self.clip_patch = vision_patch_size(model)
         pad_to = int(opts["pad_to"])
         sizes = [(pad_to, pad_to), clip_patch] + ([self.vfm.patch_size] if self.vfm.input_size is None else [])
         self.pad_multiple = lcm_multiple(*sizes)
