@@ -152,17 +152,20 @@ def _replicate_border(buf: torch.Tensor, pad: int, height: int, width: int) -> N
                                                                                        buf.shape[-1]))
 
 
-def _align_corners_matrix(n_out: int, n_in: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[n_out, n_in]`` linear-interpolation matrix of ``F.interpolate(..., align_corners=True)`` along one axis.
-
-    Row ``i`` holds ``1 - w`` at ``lo`` and ``w`` at ``lo + 1`` (clamped) for the source coordinate
-    ``i (n_in - 1) / (n_out - 1)`` (``0`` when ``n_out == 1``), ``lo`` its floor and ``w`` its fraction.
-    """
+def _align_corners_source(n_out: int, n_in: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per output index of ``F.interpolate(..., align_corners=True)`` along one axis: the source coordinate
+    ``i (n_in - 1) / (n_out - 1)`` (``0`` when ``n_out == 1``) as its int64 floor ``lo`` (at most ``n_in - 1``) and
+    its float64 fraction. Both CPU paths resize from these (the eager one as a matrix, the compiled one as tables)."""
     scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
     src = torch.arange(n_out, dtype=torch.float64, device=device) * scale
     lo = src.floor().clamp_(max=n_in - 1)
-    frac = src - lo
-    lo = lo.long()
+    return lo.long(), src - lo
+
+
+def _align_corners_matrix(n_out: int, n_in: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[n_out, n_in]`` linear-interpolation matrix of ``F.interpolate(..., align_corners=True)`` along one axis:
+    row ``i`` holds ``1 - w`` at ``lo`` and ``w`` at ``lo + 1`` (clamped), from :func:`_align_corners_source`."""
+    lo, frac = _align_corners_source(n_out, n_in, device)
     rows = torch.arange(n_out, device=device)
     matrix = torch.zeros(n_out, n_in, dtype=torch.float64, device=device)
     matrix.index_put_((rows, lo), 1 - frac, accumulate=True)
@@ -372,11 +375,9 @@ def _split(total: int, parts: int) -> List[Tuple[int, int]]:
 
 
 def _resize_tables(n_out: int, n_in: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """int32 source index and float32 fraction per output index of the ``align_corners=True`` resize."""
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    src = torch.arange(n_out, dtype=torch.float64) * scale
-    lo = src.floor().clamp_(0, n_in - 1)
-    return lo.to(torch.int32), (src - lo).to(torch.float32)
+    """:func:`_align_corners_source` as the C kernels read it: int32 source index, float32 fraction."""
+    lo, frac = _align_corners_source(n_out, n_in)
+    return lo.to(torch.int32), frac.to(torch.float32)
 
 
 def _check_native(code: int, what: str) -> None:
@@ -439,13 +440,17 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     most = max(passes)
     # Per channel: rows 0 and H - 1 after each sweep of a pass but the last (what clamped taps read).
     border = torch.empty(group, most, 2, ring_row, dtype=torch.float32)
-    # Scratch of nk_pamr_border_history_f32, which computes those rows from strips of the first and last rows.
-    strip_rows = min(height, (most - 1) * pad + 1)
-    strip = torch.empty(group, strip_rows, width, dtype=torch.float32) if most > 1 else None
-    strip_border = torch.empty(group, 2, ring_row, dtype=torch.float32)
     max_chunks = {levels: max(block, int(_L2_FRACTION * _l2_cache_bytes() // (
         4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels)))) // block * block)
         for levels in set(passes) | {1}}
+    if most > 1:
+        # Scratch of nk_pamr_border_history_f32, which computes those rows from strips of the first and last rows.
+        strip = torch.empty(group, min(height, (most - 1) * pad + 1), width, dtype=torch.float32)
+        strip_border = torch.empty(group, 2, ring_row, dtype=torch.float32)
+        strip_scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(max_chunks[1], width, pad, row_step, 1)),
+                                    dtype=torch.float32)
+    # The first sweep of a resized mask reads the resize on the fly (hres + the row tables) instead of the planes.
+    resize_source = (mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if resize else None
 
     # Ring scratch per thread slot, reused by every pass of this call (fresh pages cost page faults each time).
     scratch_pool: List[torch.Tensor] = []
@@ -457,13 +462,12 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
             scratch_pool[slot] = torch.empty(floats, dtype=torch.float32)
         return scratch_pool[slot]
 
-    def sweep_job(planes, c0, c1, k0, k1, levels, from_resize, slot, rows=height, aff_ptr=None, borders=None):
+    def sweep_job(planes, c0, c1, k0, k1, levels, from_resize, slot):
         count = c1 - c0
-        chunk = -(-count // -(-count // max_chunks[levels]))  # equal chunks of at most max_chunk channels
+        chunk = -(-count // -(-count // max_chunks[levels]))  # equal chunks of at most max_chunks[levels] channels
         scratch = scratch_for(slot, int(lib.nk_pamr_sweep_scratch_floats(chunk, width, pad, row_step, levels)))
         target, saved = planes[c0:c1], border[c0:c1]
-        source = (hres[c0].data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if from_resize else (
-            None, 0, None, None)
+        source = (hres[c0].data_ptr(), *resize_source) if from_resize else (None, 0, None, None)
 
         def run():
             _check_native(lib.nk_pamr_sweep_f32(
@@ -472,22 +476,13 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                 saved.stride(0), *source, chunk, scratch.data_ptr(), scratch.numel()), "a sweep")
         return run
 
-    def save_borders(planes, count, rows, into, sides=3, source=(None, 0, None, None)):
-        _check_native(lib.nk_pamr_save_borders_f32(planes.data_ptr(), planes.stride(0), planes.stride(1), count,
-                                                   rows, width, pad, *source, into.data_ptr(), into.stride(0),
-                                                   sides), "saving the border rows")
-
-    strip_chunk = max_chunks[1]
-    strip_scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(strip_chunk, width, pad, row_step, 1)),
-                                dtype=torch.float32)
-
     def border_history(planes, count, levels):
         """border[:, l] = rows 0 and H - 1 after l sweeps, 0 < l < levels (see nk_pamr_border_history_f32)."""
         _check_native(lib.nk_pamr_border_history_f32(
             planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width, affinity.data_ptr(),
             dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, levels, border.data_ptr(), border.stride(0),
-            strip.data_ptr(), strip_border.data_ptr(), strip_chunk, strip_scratch.data_ptr(), strip_scratch.numel()),
-            "the border rows of a pass")
+            strip.data_ptr(), strip_border.data_ptr(), max_chunks[1], strip_scratch.data_ptr(),
+            strip_scratch.numel()), "the border rows of a pass")
 
     for b in range(batch):
         xb = xpad[b]
@@ -525,9 +520,10 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                 else:
                     jobs = [sweep_job(planes, c0, c1, 0, classes, levels, from_resize, slot)
                             for slot, (c0, c1) in enumerate(_split(count, threads))]
-                source = (hres.data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if from_resize else (
-                    None, 0, None, None)
-                save_borders(planes, count, height, border, source=source)
+                source = (hres.data_ptr(), *resize_source) if from_resize else (None, 0, None, None)
+                _check_native(lib.nk_pamr_save_borders_f32(
+                    planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width, pad, *source,
+                    border.data_ptr(), border.stride(0), 3), "saving the border rows")
                 if levels > 1:
                     border_history(planes, count, levels)
                 _run_threads(jobs)
