@@ -206,9 +206,7 @@ CASE_ORDER = {"B*H=12": 0, "36 windows": 1}
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m bench attention", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli_args.add_common_args(parser)
+    parser = cli_args.bench_parser("attention", __doc__, parser)
     parser.add_argument("--similarity", default="kk", choices=["kk", "qk", "qq"])
     parser.add_argument("--grids", default=None, help="override the grids of the B*H=12 case, e.g. 14x14,64x64")
     parser.add_argument("--max-first-call-s", type=float, default=None,

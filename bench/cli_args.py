@@ -17,6 +17,17 @@ def default_max_memory_gb() -> float:
         return 16.0
 
 
+def bench_parser(name: str, description: str, parser=None):
+    """The argument parser of ``python -m bench <name>`` (or ``parser``, given by a caller that embeds it) with the
+    common options added; each benchmark adds its own after."""
+    import argparse
+
+    parser = parser or argparse.ArgumentParser(prog=f"python -m bench {name}", description=description,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    return parser
+
+
 def add_common_args(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--quick", action="store_true",

@@ -93,9 +93,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m bench pamr", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli_args.add_common_args(parser)
+    parser = cli_args.bench_parser("pamr", __doc__, parser)
     parser.add_argument("--images", default=None, help="override image sizes, e.g. 336x448,512x683")
     parser.add_argument("--queries", default=None, help="override query counts, e.g. 21,171")
     return parser

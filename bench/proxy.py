@@ -125,9 +125,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
 # Sweep
 # ==============================================================================================================
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m bench proxy", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli_args.add_common_args(parser)
+    parser = cli_args.bench_parser("proxy", __doc__, parser)
     parser.add_argument("--cases", default=None, help="comma-separated subset of the cases, e.g. dino_b8_336")
     parser.add_argument("--features", default=None, help="comma-separated subset of random,regions")
     parser.add_argument("--no-segmenter", action="store_true", help="only the attention part")

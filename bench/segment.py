@@ -148,9 +148,7 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m bench segment", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli_args.add_common_args(parser)
+    parser = cli_args.bench_parser("segment", __doc__, parser)
     parser.add_argument("--workloads", default=None, help="comma-separated subset of: " + ", ".join(WORKLOADS))
     parser.add_argument("--model", default=None, help=f"open_clip model name (default {MODEL})")
     parser.add_argument("--window-batch-size", type=int, default=None,
