@@ -113,60 +113,84 @@ static inline vf exp_v(vf x)
  * aff:  float32, nk_affinity_floats(H, W, 8 L) of them in the layout described there; the lanes past W
  *       receive finite values from the padded image.
  */
+#ifdef NK_FIXED_DILATIONS
+/* The dilation tuple of a fixed-dilation build (see the propagation's fixed kernel below). */
+static const int nk_fixed_dilations[] = {NK_FIXED_DILATIONS};
+#define NK_FIXED_TAPS ((int)(8 * sizeof(nk_fixed_dilations) / sizeof(nk_fixed_dilations[0])))
+#endif
+
+/* One vector of NK_VL pixels at `centre` (channel 0 of the padded image): the 8 L affinities into block (tap n's
+ * lanes at block + n NK_VL). acc: n_taps vectors of scratch. The deviations are re-read from the image (L1) in
+ * each of the three loops instead of kept: with n_taps a constant (the fixed-dilation build) the accumulators then
+ * stay in registers. */
+static inline __attribute__((always_inline)) void
+affinity_vector(const float *centre, int64_t x_ks, int K, const int64_t *tap, const int n_taps, int num_dil, vf *acc,
+                float *block)
+{
+    const float inv_samples = 1.0f / (float)(9 * num_dil);
+    const float inv_dof = 1.0f / (float)(9 * num_dil - 1);
+    const float neg_inv_k = -1.0f / (float)K;
+    for (int n = 0; n < n_taps; n++)
+        acc[n] = splat(0.0f);
+    for (int k = 0; k < K; k++, centre += x_ks) {
+        const vf xc = load_v(centre);
+        vf mean = splat(0.0f);
+        for (int n = 0; n < n_taps; n++)
+            mean += load_v(centre + tap[n]) - xc;
+        mean *= inv_samples;
+        vf var = (float)num_dil * mean * mean;
+        for (int n = 0; n < n_taps; n++) {
+            const vf t = (load_v(centre + tap[n]) - xc) - mean;
+            var += t * t;
+        }
+        var *= inv_dof;
+        vf spread;
+        for (int l = 0; l < NK_VL; l++)
+            spread[l] = sqrtf(var[l]);
+        const vf inv = 1.0f / (1e-8f + 0.1f * spread);
+        for (int n = 0; n < n_taps; n++)
+            acc[n] += abs_v(load_v(centre + tap[n]) - xc) * inv;
+    }
+    vf mx = splat(-INFINITY);
+    for (int n = 0; n < n_taps; n++) {
+        acc[n] *= neg_inv_k;
+        mx = max_v(acc[n], mx);
+    }
+    vf total = splat(0.0f);
+    for (int n = 0; n < n_taps; n++) {
+        acc[n] = exp_v(acc[n] - mx);
+        total += acc[n];
+    }
+    const vf inv_total = 1.0f / total;
+    for (int n = 0; n < n_taps; n++)
+        store_v(block + n * NK_VL, acc[n] * inv_total);
+}
+
 int nk_pamr_affinity_f32(const float *xpad, int64_t x_ks, int64_t x_rs, int K, int H, int W, int pad, int lpx,
                          const int32_t *dy, const int32_t *dx, int n_taps, int num_dil, float *aff, int y0, int y1)
 {
     if (n_taps < 1 || K < 1 || lpx < pad || y0 < 0 || y1 > H || x_rs < lpx + round_up(W, NK_VL) + pad)
         return -1;
-    const float inv_samples = 1.0f / (float)(9 * num_dil);
-    const float inv_dof = 1.0f / (float)(9 * num_dil - 1);
-    const float neg_inv_k = -1.0f / (float)K;
-    vf acc[n_taps], dev[n_taps];
     int64_t tap[n_taps];
     for (int n = 0; n < n_taps; n++)
         tap[n] = (int64_t)dy[n] * x_rs + dx[n];
-    for (int y = y0; y < y1; y++) {
-        for (int x0 = 0; x0 < W; x0 += NK_VL) {
-            for (int n = 0; n < n_taps; n++)
-                acc[n] = splat(0.0f);
-            for (int k = 0; k < K; k++) {
-                const float *centre = xpad + k * x_ks + (int64_t)(y + pad) * x_rs + lpx + x0;
-                const vf xc = load_v(centre);
-                vf mean = splat(0.0f);
-                for (int n = 0; n < n_taps; n++) {
-                    dev[n] = load_v(centre + tap[n]) - xc;
-                    mean += dev[n];
-                }
-                mean *= inv_samples;
-                vf var = (float)num_dil * mean * mean;
-                for (int n = 0; n < n_taps; n++) {
-                    const vf t = dev[n] - mean;
-                    var += t * t;
-                }
-                var *= inv_dof;
-                vf spread;
-                for (int l = 0; l < NK_VL; l++)
-                    spread[l] = sqrtf(var[l]);
-                const vf inv = 1.0f / (1e-8f + 0.1f * spread);
-                for (int n = 0; n < n_taps; n++)
-                    acc[n] += abs_v(dev[n]) * inv;
-            }
-            vf mx = splat(-INFINITY);
-            for (int n = 0; n < n_taps; n++) {
-                acc[n] *= neg_inv_k;
-                mx = max_v(acc[n], mx);
-            }
-            vf total = splat(0.0f);
-            for (int n = 0; n < n_taps; n++) {
-                acc[n] = exp_v(acc[n] - mx);
-                total += acc[n];
-            }
-            const vf inv_total = 1.0f / total;
-            float *block = aff + (int64_t)y * affinity_row_floats(W, n_taps) + (int64_t)x0 * n_taps;
-            for (int n = 0; n < n_taps; n++)
-                store_v(block + n * NK_VL, acc[n] * inv_total);
-        }
+    const int64_t aff_row = affinity_row_floats(W, n_taps);
+#ifdef NK_FIXED_DILATIONS
+    /* The same arithmetic with a constant tap count: unrolled, accumulators in registers (about 2x faster). */
+    if (n_taps == NK_FIXED_TAPS && num_dil * 8 == NK_FIXED_TAPS) {
+        vf acc[NK_FIXED_TAPS];
+        for (int y = y0; y < y1; y++)
+            for (int x0 = 0; x0 < W; x0 += NK_VL)
+                affinity_vector(xpad + (int64_t)(y + pad) * x_rs + lpx + x0, x_ks, K, tap, NK_FIXED_TAPS, num_dil,
+                                acc, aff + (int64_t)y * aff_row + (int64_t)x0 * n_taps);
+        return 0;
     }
+#endif
+    vf acc[n_taps];
+    for (int y = y0; y < y1; y++)
+        for (int x0 = 0; x0 < W; x0 += NK_VL)
+            affinity_vector(xpad + (int64_t)(y + pad) * x_rs + lpx + x0, x_ks, K, tap, n_taps, num_dil, acc,
+                            aff + (int64_t)y * aff_row + (int64_t)x0 * n_taps);
     return 0;
 }
 
@@ -238,8 +262,6 @@ static void sweep_row_block(int cb, float *const *ring_c, const int64_t *tap, co
  * NK_CB + 1 vector loads per NK_CB multiply-adds, and a 64-byte load of a dx = +-8 tap straddles two cache
  * lines.
  */
-static const int nk_fixed_dilations[] = {NK_FIXED_DILATIONS};
-#define NK_FIXED_TAPS ((int)(8 * sizeof(nk_fixed_dilations) / sizeof(nk_fixed_dilations[0])))
 #define NK_FIXED_ROWS (2 * (NK_FIXED_PAD / NK_FIXED_ROW_STEP) + 1)
 #define NK_XB 2
 #if NK_VL >= 16
@@ -454,10 +476,16 @@ int nk_pamr_pad_image_f32(const float *x, int64_t xs_k, int64_t xs_h, int64_t xs
             const int sr = r - pad < 0 ? 0 : (r - pad >= H ? H - 1 : r - pad);
             const float *srow = x + k * xs_k + (int64_t)sr * xs_h;
             float *drow = xpad + k * plane + (int64_t)r * x_rs;
-            for (int64_t i = 0; i < x_rs; i++) {
-                const int64_t sc = i - lpx < 0 ? 0 : (i - lpx >= W ? W - 1 : i - lpx);
-                drow[i] = srow[sc * xs_w];
-            }
+            if (xs_w == 1)
+                memcpy(drow + lpx, srow, (size_t)W * sizeof(float));
+            else
+                for (int64_t i = 0; i < W; i++)
+                    drow[lpx + i] = srow[i * xs_w];
+            const float first = drow[lpx], last = drow[lpx + W - 1];
+            for (int64_t i = 0; i < lpx; i++)
+                drow[i] = first;
+            for (int64_t i = lpx + W; i < x_rs; i++)
+                drow[i] = last;
         }
     return 0;
 }

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from naclip_kernels import reference
-from naclip_kernels._alloc import empty_output
+from naclip_kernels._alloc import empty_output, poison, poisoning
+from naclip_kernels._host_memory import mapped_empty
 from naclip_kernels._backend import BackendUnavailableError, resolve_backend
 from naclip_kernels._library import define_op
 from naclip_kernels._triton_compat import tl, triton
@@ -380,6 +381,11 @@ def _resize_tables(n_out: int, n_in: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return lo.to(torch.int32), frac.to(torch.float32)
 
 
+def _round_floats(count: int) -> int:
+    """``count`` rounded up to whole 64-byte lines of float32 (the scratch parts start on cache lines)."""
+    return -(-count // 16) * 16
+
+
 def _check_native(code: int, what: str) -> None:
     if code != 0:
         raise RuntimeError(f"pamr: the compiled CPU kernel rejected its arguments in {what} (code {code}); this is "
@@ -400,9 +406,14 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     Between those thread rounds only C runs (no torch op, which would leave torch's OpenMP threads spinning on
     the cores the next round needs).
 
-    Extra memory: the ``[H, ~W, 8 L]`` affinities, the padded image, the ``[C, h, W]`` column resize, a few saved
-    border rows per channel, each thread's rings (about half its L2 cache), and for masks that are not float32 a
-    few float32 staging planes per thread.
+    Memory: the output and one scratch mapping per call (:func:`naclip_kernels._host_memory.mapped_empty`, so
+    neither stays in the malloc heap after the call, and both take transparent huge pages: fresh 4 KiB pages
+    cost more than a sweep). The scratch holds the ``[H, ~W, 8 L]`` affinities, a few saved border rows per
+    channel, each thread's rings (about half its L2 cache; before a fused pass they hold the border-history
+    strips), the ``[C, h, W]`` column resize, and for masks that are not float32 a few float32 staging planes per
+    thread. The padded image lives in the output's memory when it fits there (else with the column resize):
+    the output is only written after the affinity pass. At 21 queries, 336x448, that is 1.92x the mask in all,
+    of which the output is 1x and the affinities 0.76x.
     """
     _bind_native(lib)
     batch, _, height, width = image.shape
@@ -414,23 +425,16 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     dx = torch.tensor([o[1] for o in offsets], dtype=torch.int32)
     vector, block = int(lib.nk_vector_width()), int(lib.nk_channel_block())
     threads = max(1, torch.get_num_threads())
-    out = empty_output(batch, channels, height, width, dtype=mask.dtype, device=mask.device)
+    out = empty_output(batch, channels, height, width, dtype=mask.dtype, device=mask.device, own_mapping=True)
     resize = (mask_h, mask_w) != (height, width)
     if resize:
         row_lo, row_frac = _resize_tables(height, mask_h)
         col_lo, col_frac = _resize_tables(width, mask_w)
-    # The image, replicate-padded once (in C: see nk_copy_rows_f32 on torch ops between these kernels): the
-    # affinity loop then reads every neighbour (and the whole last vector of a row) without clamping.
     image32 = image if image.dtype == torch.float32 else image.float()
-    x_rs = -(-width // vector) * vector + 2 * pad
-    xpad = torch.empty(batch, image.shape[1], height + 2 * pad, x_rs, dtype=torch.float32)
-    affinity = torch.empty(int(lib.nk_affinity_floats(height, width, n_taps)), dtype=torch.float32)
     group = channels if mask.dtype == torch.float32 else min(channels, threads * _STAGING_PLANES_PER_THREAD)
-    staging = None if mask.dtype == torch.float32 else torch.empty(group, height, width, dtype=torch.float32)
     ring_row = int(lib.nk_ring_row_floats(width, pad))
     classes = min(row_step, height)
     by_class = threads > 1 and classes >= threads
-    hres = torch.empty(group, mask_h, width, dtype=torch.float32) if resize else None
     # Passes: the first sweep alone when it reads the resize on the fly, then _SWEEPS_PER_PASS sweeps per pass, the
     # remainder last.
     fused = max(1, min(_SWEEPS_PER_PASS, _MAX_SWEEPS_PER_PASS))
@@ -438,35 +442,66 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     while sum(passes) < num_iter:
         passes.append(min(fused, num_iter - sum(passes)))
     most = max(passes)
-    # Per channel: rows 0 and H - 1 after each sweep of a pass but the last (what clamped taps read).
-    border = torch.empty(group, most, 2, ring_row, dtype=torch.float32)
     max_chunks = {levels: max(block, int(_L2_FRACTION * _l2_cache_bytes() // (
         4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels)))) // block * block)
         for levels in set(passes) | {1}}
+    history_split = _split(group, threads)                  # channel ranges of the border-history jobs
+    strip_rows = min(height, (most - 1) * pad + 1)
+    # Each thread's ring slot holds any sweep job's rings (a job's chunk is at most min(its channels, max_chunks)),
+    # and before a fused pass the border history's strips, strip borders and single-level rings, for
+    # `history_chunk` channels at a time: as many as fit in the rings, so the strips cost no memory of their own.
+    def job_chunk(count: int, levels: int) -> int:
+        """The channels a sweep job of `count` channels takes at a time: equal chunks of at most max_chunks."""
+        return -(-count // -(-count // max_chunks[levels]))
+
+    job_counts = set()                               # the channel counts the sweep jobs can have
+    for g0 in range(0, channels, group):
+        count = min(group, channels - g0)
+        job_counts.add(count)                                             # a by-class job: the whole group
+        job_counts.update(c1 - c0 for c0, c1 in _split(count, threads))   # a by-channel job: its share
+    ring_floats = max(int(lib.nk_pamr_sweep_scratch_floats(job_chunk(n, levels), width, pad, row_step, levels))
+                      for levels in set(passes) for n in job_counts)
+
+    def history_layout(chunk: int) -> Tuple[int, int, int]:
+        """Offsets of the strip border and the rings in a slot, and the floats used, for `chunk` channels."""
+        strip_border_at = _round_floats(chunk * strip_rows * width)
+        rings_at = strip_border_at + _round_floats(chunk * 2 * ring_row)
+        return strip_border_at, rings_at, rings_at + int(lib.nk_pamr_sweep_scratch_floats(
+            min(chunk, max_chunks[1]), width, pad, row_step, 1))
+
+    history_chunk = max(c1 - c0 for c0, c1 in history_split)
+    while history_chunk > 1 and history_layout(history_chunk)[2] > ring_floats:
+        history_chunk -= 1
     if most > 1:
-        # Scratch of nk_pamr_border_history_f32, which computes those rows from strips of the first and last rows.
-        strip = torch.empty(group, min(height, (most - 1) * pad + 1), width, dtype=torch.float32)
-        strip_border = torch.empty(group, 2, ring_row, dtype=torch.float32)
-        strip_scratch = torch.empty(int(lib.nk_pamr_sweep_scratch_floats(max_chunks[1], width, pad, row_step, 1)),
-                                    dtype=torch.float32)
+        ring_floats = max(ring_floats, history_layout(history_chunk)[2])
+    # The image, replicate-padded once (in C: see nk_copy_rows_f32 on torch ops between these kernels): the
+    # affinity loop then reads every neighbour (and the whole last vector of a row) without clamping. It lives in the
+    # output's memory when that fits (the output is only written after the affinities), else in the phase region.
+    x_rs = -(-width // vector) * vector + 2 * pad
+    xpad_floats = image.shape[1] * (height + 2 * pad) * x_rs
+    xpad_in_output = out[0].numel() * out.element_size() >= 4 * xpad_floats + 64
+    # One scratch mapping for the whole call (see naclip_kernels._host_memory). The "phase" region holds in turn the
+    # padded image (affinity pass; when it is not in the output) and the column resize (first sweep).
+    sizes = {"affinity": int(lib.nk_affinity_floats(height, width, n_taps)),
+             "border": group * most * 2 * ring_row,          # rows 0 and H - 1 of each plane after each sweep of a pass
+             "staging": 0 if mask.dtype == torch.float32 else group * height * width,
+             "rings": threads * ring_floats,
+             "phase": max(0 if xpad_in_output else xpad_floats, group * mask_h * width if resize else 0)}
+    arena, parts, at = mapped_empty([sum(_round_floats(n) for n in sizes.values())], torch.float32), {}, 0
+    for name, floats in sizes.items():
+        parts[name], at = arena[at:at + floats], at + _round_floats(floats)
+    affinity, phase = parts["affinity"], parts["phase"]
+    border = parts["border"].view(group, most, 2, ring_row)
+    staging = None if mask.dtype == torch.float32 else parts["staging"].view(group, height, width)
+    rings = [parts["rings"][i * ring_floats:(i + 1) * ring_floats] for i in range(threads)]
+    hres = phase[:group * mask_h * width].view(group, mask_h, width) if resize else None
     # The first sweep of a resized mask reads the resize on the fly (hres + the row tables) instead of the planes.
     resize_source = (mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if resize else None
 
-    # Ring scratch per thread slot, reused by every pass of this call (fresh pages cost page faults each time).
-    scratch_pool: List[torch.Tensor] = []
-
-    def scratch_for(slot, floats):
-        while len(scratch_pool) <= slot:
-            scratch_pool.append(torch.empty(0, dtype=torch.float32))
-        if scratch_pool[slot].numel() < floats:
-            scratch_pool[slot] = torch.empty(floats, dtype=torch.float32)
-        return scratch_pool[slot]
-
     def sweep_job(planes, c0, c1, k0, k1, levels, from_resize, slot):
         count = c1 - c0
-        chunk = -(-count // -(-count // max_chunks[levels]))  # equal chunks of at most max_chunks[levels] channels
-        scratch = scratch_for(slot, int(lib.nk_pamr_sweep_scratch_floats(chunk, width, pad, row_step, levels)))
-        target, saved = planes[c0:c1], border[c0:c1]
+        chunk = job_chunk(count, levels)
+        target, saved, scratch = planes[c0:c1], border[c0:c1], rings[slot]
         source = (hres[c0].data_ptr(), *resize_source) if from_resize else (None, 0, None, None)
 
         def run():
@@ -476,16 +511,31 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                 saved.stride(0), *source, chunk, scratch.data_ptr(), scratch.numel()), "a sweep")
         return run
 
-    def border_history(planes, count, levels):
-        """border[:, l] = rows 0 and H - 1 after l sweeps, 0 < l < levels (see nk_pamr_border_history_f32)."""
-        _check_native(lib.nk_pamr_border_history_f32(
-            planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width, affinity.data_ptr(),
-            dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, levels, border.data_ptr(), border.stride(0),
-            strip.data_ptr(), strip_border.data_ptr(), max_chunks[1], strip_scratch.data_ptr(),
-            strip_scratch.numel()), "the border rows of a pass")
+    def history_job(planes, c0, c1, levels, slot):
+        """border[c0:c1, l] = rows 0 and H - 1 after l sweeps, 0 < l < levels (nk_pamr_border_history_f32)."""
+        c1 = min(c1, planes.shape[0])
+        strip_border_at, rings_at, _ = history_layout(history_chunk)
+        slot_floats = rings[slot]
+        strip, strip_border, scratch = (slot_floats, slot_floats[strip_border_at:], slot_floats[rings_at:])
+
+        def run():
+            for k0 in range(c0, c1, history_chunk):
+                count = min(history_chunk, c1 - k0)
+                _check_native(lib.nk_pamr_border_history_f32(
+                    planes[k0].data_ptr(), planes.stride(0), planes.stride(1), count, height, width,
+                    affinity.data_ptr(), dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, levels,
+                    border[k0].data_ptr(), border.stride(0), strip.data_ptr(), strip_border.data_ptr(),
+                    min(count, max_chunks[1]), scratch.data_ptr(), scratch.numel()), "the border rows of a pass")
+        return run
 
     for b in range(batch):
-        xb = xpad[b]
+        if xpad_in_output:
+            raw = out[b].view(-1).view(torch.uint8)
+            skip = (-raw.data_ptr()) % 64
+            xb = raw[skip:skip + 4 * xpad_floats].view(torch.float32)
+        else:
+            xb = phase[:xpad_floats]
+        xb = xb.view(image.shape[1], height + 2 * pad, x_rs)
         _check_native(lib.nk_pamr_pad_image_f32(
             image32[b].data_ptr(), image32.stride(1), image32.stride(2), image32.stride(3), image.shape[1], height,
             width, pad, pad, xb.data_ptr(), x_rs), "padding the image")
@@ -496,6 +546,8 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                 dy.data_ptr(), dx.data_ptr(), n_taps, len(dilations), affinity.data_ptr(), y0, y1), "the affinity pass")
 
         _run_threads([functools.partial(affinity_rows, y0, y1) for y0, y1 in _split(height, threads)])
+        if xpad_in_output and poisoning():
+            poison(out[b])      # what the sweeps must overwrite, not the padded image's leftovers
         low_res = mask[b].float().contiguous() if resize else None
         for g0 in range(0, channels, group):
             g1 = min(channels, g0 + group)
@@ -525,7 +577,8 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                     planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width, pad, *source,
                     border.data_ptr(), border.stride(0), 3), "saving the border rows")
                 if levels > 1:
-                    border_history(planes, count, levels)
+                    _run_threads([history_job(planes, c0, c1, levels, slot)
+                                  for slot, (c0, c1) in enumerate(history_split) if c0 < count])
                 _run_threads(jobs)
             if staging is not None:
                 out[b, g0:g1].copy_(planes)
@@ -764,7 +817,11 @@ def pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int = 10, dilations:
     Returns:
         ``[B, C, H, W]`` in the mask's dtype. Accumulation is float32 (float64 on the torch path when the image or
         the mask is float64). Extra memory: the output plus ``O(8 L H W)`` affinities and, on the compiled CPU path,
-        a few rows per channel (the eager and Triton paths also hold one or two float32 mask-sized buffers).
+        a few rows per channel (the eager and Triton paths also hold one or two float32 mask-sized buffers). The
+        compiled CPU path gives the output and its scratch their own memory mappings, hinted for transparent huge
+        pages and returned to the system when freed (see :mod:`naclip_kernels._host_memory`;
+        ``NACLIP_KERNELS_HUGE_PAGES=0`` drops the hint); that output cannot be resized in place, like the tensors
+        of ``torch.from_numpy``.
 
     Raises:
         TypeError / ValueError: bad arguments, naming the argument and the expected shape or dtype.

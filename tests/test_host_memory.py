@@ -1,0 +1,96 @@
+"""naclip_kernels._host_memory: private mappings for CPU buffers and transparent-huge-page hints."""
+import gc
+import sys
+import weakref
+
+import pytest
+import torch
+
+from naclip_kernels import _host_memory as hm
+from naclip_kernels._alloc import empty_output, poison_outputs
+
+LINUX = sys.platform.startswith("linux")
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as fh:
+            text = fh.read()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def _mapped(address: int) -> bool:
+    """Whether ``address`` lies in one of this process's mappings (Linux)."""
+    with open("/proc/self/maps", encoding="ascii") as fh:
+        for line in fh:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int32], ids=str)
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (2, 1 << 20)], ids=["7", "3x5x11", "2x1M"])
+def test_mapped_empty_is_a_usable_contiguous_tensor(shape, dtype):
+    t = hm.mapped_empty(shape, dtype)
+    assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+    values = torch.arange(t.numel()).reshape(shape).to(dtype)
+    t.copy_(values)
+    assert torch.equal(t, values)
+    assert torch.equal(t.clone() * 1, values)
+
+
+def test_mapped_empty_edge_shapes_and_errors():
+    assert hm.mapped_empty((0, 4), torch.float32).shape == (0, 4)
+    assert hm.mapped_empty((), torch.float32).shape == ()
+    with pytest.raises(ValueError, match="non-negative"):
+        hm.mapped_empty((2, -1), torch.float32)
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/self/maps")
+def test_mapping_is_released_with_the_last_view():
+    t = hm.mapped_empty((1 << 20,), torch.float32)
+    address = t.data_ptr()
+    view = t[10:20].view(2, 5)
+    view.fill_(1.0)
+    del t
+    gc.collect()
+    assert _mapped(address), "a live view must keep the mapping"
+    ref = weakref.ref(view)
+    del view
+    gc.collect()
+    assert ref() is None
+    assert not _mapped(address), "the mapping must be returned to the system with its last view"
+
+
+def test_advise_skips_small_disabled_and_non_cpu(monkeypatch):
+    assert hm.advise_huge_pages(torch.empty(1000)) is False          # below two huge pages: nothing aligned inside
+    big = torch.empty(3 * hm.HUGE_PAGE_BYTES // 4)
+    monkeypatch.setenv("NACLIP_KERNELS_HUGE_PAGES", "0")
+    assert not hm.huge_pages_enabled()
+    assert hm.advise_huge_pages(big) is False
+    monkeypatch.setenv("NACLIP_KERNELS_HUGE_PAGES", "1")
+    assert hm.huge_pages_enabled() == LINUX
+    if torch.cuda.is_available():
+        assert hm.advise_huge_pages(torch.empty(3 * hm.HUGE_PAGE_BYTES // 4, device="cuda")) is False
+
+
+@pytest.mark.skipif(not LINUX or _thp_mode() not in ("always", "madvise"), reason="needs transparent huge pages")
+def test_advise_hints_the_aligned_interior(monkeypatch):
+    monkeypatch.delenv("NACLIP_KERNELS_HUGE_PAGES", raising=False)
+    assert hm.advise_huge_pages(torch.empty(3 * hm.HUGE_PAGE_BYTES // 4)) is True
+    assert hm.advise_huge_pages(hm.mapped_empty((hm.HUGE_PAGE_BYTES,), torch.float32)) is True
+
+
+def test_empty_output_own_mapping_is_poisoned_and_cpu_only():
+    with poison_outputs():
+        out = empty_output(2, 3, dtype=torch.float16, device="cpu", own_mapping=True)
+        assert out.isnan().all()
+        ints = empty_output(4, dtype=torch.int32, device="cpu", own_mapping=True)
+        assert (ints == -1).all()
+    with pytest.raises(RuntimeError, match="not resizable"):
+        out.resize_(10, 10)
+    plain = empty_output(2, 3, dtype=torch.float32, device="cpu")
+    plain.resize_(10, 10)                                             # the default stays an ordinary allocation
