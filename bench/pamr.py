@@ -62,6 +62,12 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Unavailable("no CUDA device")
     timing.warm_libraries(device)
+    # This row's floors (see add_floors), probed in its own process right before it: the dev VM's throughput drifts
+    # by tens of per cent within a run, and a floor probed minutes earlier would move the ratio with it.
+    row_rates = None
+    if provider != "reference" and not device.startswith("cuda") and spec.get("probe_matmul_n"):
+        row_rates = {"matmul": machine.measure_matmul_rate(device, n=spec["probe_matmul_n"]),
+                     "copy": machine.measure_copy_rate(device, mbytes=spec["probe_copy_mbytes"])}
     # One tiny call of the registered op (torch path: no Triton compile) before the baseline: the first call through
     # torch.library initialises its dispatch machinery, ~80 MB of resident memory kept for the process's life,
     # which is not the provider's working memory (that one-off would otherwise be most of peak_mb).
@@ -89,7 +95,10 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
             return nk.pamr(image, mask, num_iter=spec["num_iter"], dilations=dil, backend=provider)
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    return timing.measure_provider(call, spec, device=device, warmup=spec["warmup"], pm=pm)
+    result = timing.measure_provider(call, spec, device=device, warmup=spec["warmup"], pm=pm)
+    if row_rates is not None:
+        result["row_rates"] = row_rates
+    return result
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
@@ -118,8 +127,9 @@ def run(args) -> Dict[str, Any]:
               "warmup": args.warmup, "repeats": args.repeats, "max_row_s": args.max_row_s,
               "max_call_s": args.max_call_s, "max_memory_gb": args.max_memory_gb, "dtypes": args.dtype_list}
     driver = sweep.Sweep("pamr", args, ["provider", "image", "classes", "dtype"], config)
-    driver.add_reference_rates({"matmul": machine.measure_matmul_rate(args.device, n=512 if args.quick else 2048),
-                               "copy": machine.measure_copy_rate(args.device, mbytes=32 if args.quick else 256)})
+    probe = {"probe_matmul_n": 512 if args.quick else 2048, "probe_copy_mbytes": 32 if args.quick else 256}
+    driver.add_reference_rates({"matmul": machine.measure_matmul_rate(args.device, n=probe["probe_matmul_n"]),
+                               "copy": machine.measure_copy_rate(args.device, mbytes=probe["probe_copy_mbytes"])})
     for phase in phases:
         for dtype in args.dtype_list:
             for height, width in images:
@@ -132,7 +142,7 @@ def run(args) -> Dict[str, Any]:
                                "shape_image": [1, CHANNELS, height, width], "shape_mask": [1, classes, mask_h, mask_w],
                                "flops": pamr_flops(classes, height, width),
                                "bytes": pamr_bytes(classes, height, width, sweep.ELEMENT_BYTES[dtype]),
-                               "label": f"{height}x{width} C={classes} {dtype}"}
+                               "label": f"{height}x{width} C={classes} {dtype}", **probe}
                         mem = reference_memory_estimate(classes, height, width) if provider == "reference" else None
                         driver.run(row, TARGET, series=f"{provider}|{dtype}", cost=float(classes + 8) * height * width,
                                   memory_estimate=mem)
@@ -151,17 +161,19 @@ def add_floors(doc: Dict[str, Any]) -> None:
 
     ``floor_fma_s`` = the propagation's multiply-adds (:func:`pamr_flops`) at the measured matmul rate (the
     machine's fused multiply-add throughput), ``floor_copy_s`` = the compulsory traffic (:func:`pamr_bytes`) at the
-    measured copy bandwidth, ``floor_s`` = the larger, ``x_floor`` = median / floor. CPU runs only: on CUDA the
-    measured matmul is float16 on tensor cores, not the sweeps' float32 rate, and the datasheet-peak floor columns
-    of :func:`bench.sweep.add_derived` apply instead.
+    measured copy bandwidth, ``floor_s`` = the larger, ``x_floor`` = median / floor. The rates are the row's own
+    (``row_rates``, probed in its process just before it), else the run's. CPU runs only: on CUDA the measured
+    matmul is float16 on tensor cores, not the sweeps' float32 rate, and the datasheet-peak floor columns of
+    :func:`bench.sweep.add_derived` apply instead.
     """
     if str(doc["machine"].get("device", "cpu")).startswith("cuda"):
         return
-    rates = doc.get("reference_rates", {})
-    matmul, copy = rates.get("matmul", {}).get("gflops"), rates.get("copy", {}).get("gbps")
     for r in doc["rows"]:
+        rates = r.get("row_rates") or doc.get("reference_rates", {})
+        matmul, copy = rates.get("matmul", {}).get("gflops"), rates.get("copy", {}).get("gbps")
         if r.get("status") != "ok" or not matmul or not copy:
             continue
+        r["floor_matmul_gflops"], r["floor_copy_gbps"] = matmul, copy
         r["floor_fma_s"] = r["flops"] / (matmul * 1e9)
         r["floor_copy_s"] = r["bytes"] / (copy * 1e9)
         r["floor_s"] = max(r["floor_fma_s"], r["floor_copy_s"])
@@ -173,15 +185,16 @@ def floors_markdown(doc: Dict[str, Any]) -> str:
     rows = [r for r in doc["rows"] if r.get("floor_s") and r.get("provider") != "reference"]
     if not rows:
         return ""
-    rates = doc["reference_rates"]
-    lines = [f"Floors: multiply-adds at the measured {rates['matmul']['gflops']:.0f} GFLOP/s matmul rate, compulsory "
-             f"traffic at the measured {rates['copy']['gbps']:.1f} GB/s copy bandwidth; the larger is the floor.", "",
-             "| image | queries | dtype | provider | median | FMA floor | traffic floor | x floor | speedup |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Floors: the multiply-adds at the measured float32 matmul rate and the compulsory traffic at the measured "
+             "copy bandwidth, both probed in the row's process just before it; the larger is the floor.", "",
+             "| image | queries | dtype | provider | median | matmul | copy | FMA floor | traffic floor | x floor "
+             "| speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speedup = "-" if r.get("speedup") is None else f"{r['speedup']:.0f}x"
         lines.append(f"| {r['image']} | {r['classes']} | {r['dtype']} | {r['provider']} | "
-                     f"{tables.fmt_time(r['median_s'])} | {tables.fmt_time(r['floor_fma_s'])} | "
+                     f"{tables.fmt_time(r['median_s'])} | {r['floor_matmul_gflops']:.0f} GFLOP/s | "
+                     f"{r['floor_copy_gbps']:.1f} GB/s | {tables.fmt_time(r['floor_fma_s'])} | "
                      f"{tables.fmt_time(r['floor_copy_s'])} | {r['x_floor']:.1f}x | {speedup} |")
     return "\n".join(lines)
 

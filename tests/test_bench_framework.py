@@ -164,6 +164,10 @@ def test_pamr_quick_run_schema_and_readme_tables(tmp_path, capsys):
     ok = _check_doc(doc, "pamr")
     assert {r["provider"] for r in ok} == {"reference", "torch"}
     assert all(r["gbps"] > 0 for r in ok)
+    torch_rows = [r for r in ok if r["provider"] == "torch"]
+    assert all(r["row_rates"]["matmul"]["gflops"] > 0 and r["row_rates"]["copy"]["gbps"] > 0 for r in torch_rows)
+    assert all(r["x_floor"] == pytest.approx(r["median_s"] / r["floor_s"]) for r in torch_rows)
+    assert not any("row_rates" in r for r in ok if r["provider"] == "reference")
     capsys.readouterr()
     readme_tables.main(["--quick", "--dir", str(tmp_path), "--benches", "pamr"])
     text = capsys.readouterr().out
@@ -194,7 +198,15 @@ def test_pamr_floors_are_the_larger_of_fma_and_traffic_and_cpu_only():
     assert r["floor_fma_s"] == pytest.approx(0.2) and r["floor_copy_s"] == pytest.approx(2.0)
     assert r["floor_s"] == pytest.approx(2.0) and r["x_floor"] == pytest.approx(0.25)
     assert "floor_s" not in doc["rows"][1]
-    assert "| 8x8 | 2 | float32 | torch | 500 ms | 200 ms | 2.00 s | 0.2x |" in pamr.floors_markdown(doc)
+    assert ("| 8x8 | 2 | float32 | torch | 500 ms | 10 GFLOP/s | 2.0 GB/s | 200 ms | 2.00 s | 0.2x |"
+            in pamr.floors_markdown(doc))
+    # A row's own probe (taken in its process just before it) wins over the run's.
+    own = dict(row, row_rates={"matmul": {"gflops": 1.0}, "copy": {"gbps": 40.0}})
+    doc_own = dict(doc, rows=[own])
+    pamr.add_floors(doc_own)
+    assert own["floor_fma_s"] == pytest.approx(2.0) and own["floor_copy_s"] == pytest.approx(0.1)
+    assert own["floor_s"] == pytest.approx(2.0) and own["x_floor"] == pytest.approx(0.25)
+    assert "| 1 GFLOP/s | 40.0 GB/s |" in pamr.floors_markdown(doc_own)
     cuda = dict(doc, machine={"device": "cuda"}, rows=[dict(row)])
     pamr.add_floors(cuda)
     assert "floor_s" not in cuda["rows"][0] and pamr.floors_markdown(cuda) == ""
