@@ -8,11 +8,13 @@ Public API::
     out = nk.proxy_attention(feats, v, beta=1.2, gamma=3.0)          # ProxyCLIP: [B, M, C], [B, H, M, D]
     nk.reference.neighbour_attention(...), nk.reference.pamr(...)   # eager ground truth
     nk.NeighbourAttention(mha), nk.PAMR()                             # nn.Modules
+    nk.empty_cpu_cache()                     # unmap the compiled CPU path's cached buffers (torch.cuda.empty_cache)
 
 ``import naclip_kernels`` needs neither a GPU, nor Triton, nor open_clip.
 """
 from naclip_kernels import reference
 from naclip_kernels._backend import BACKENDS, BackendUnavailableError
+from naclip_kernels._host_memory import empty_cpu_cache
 from naclip_kernels.modules import PAMR, NeighbourAttention
 from naclip_kernels.ops.neighbour_attention import neighbour_attention
 from naclip_kernels.ops.pamr import pamr
@@ -25,6 +27,7 @@ __all__ = [
     "BackendUnavailableError",
     "NeighbourAttention",
     "PAMR",
+    "empty_cpu_cache",
     "neighbour_attention",
     "pamr",
     "proxy_attention",

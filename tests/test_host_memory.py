@@ -49,8 +49,16 @@ def test_mapped_empty_edge_shapes_and_errors():
         hm.mapped_empty((2, -1), torch.float32)
 
 
+@pytest.fixture
+def empty_cache():
+    hm.empty_cpu_cache()
+    yield
+    hm.empty_cpu_cache()
+
+
 @pytest.mark.skipif(not LINUX, reason="reads /proc/self/maps")
-def test_mapping_is_released_with_the_last_view():
+def test_without_the_cache_the_mapping_is_released_with_the_last_view(monkeypatch, empty_cache):
+    monkeypatch.setenv("NACLIP_KERNELS_CPU_CACHE", "0")
     t = hm.mapped_empty((1 << 20,), torch.float32)
     address = t.data_ptr()
     view = t[10:20].view(2, 5)
@@ -63,6 +71,41 @@ def test_mapping_is_released_with_the_last_view():
     gc.collect()
     assert ref() is None
     assert not _mapped(address), "the mapping must be returned to the system with its last view"
+    assert hm.cached_bytes() == 0
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/self/maps")
+def test_the_cache_reuses_a_freed_mapping_of_a_similar_size(empty_cache):
+    t = hm.mapped_empty((3 << 20,), torch.float32)                    # 12 MiB
+    address = t.data_ptr()
+    other = hm.mapped_empty((3 << 20,), torch.float32)
+    assert other.data_ptr() != address, "a mapping in use is never handed out twice"
+    del t
+    gc.collect()
+    assert hm.cached_bytes() >= 12 << 20 and _mapped(address)
+    again = hm.mapped_empty((5 << 19,), torch.float16)              # 5 MiB: below half of it, a new mapping
+    assert again.data_ptr() != address
+    reused = hm.mapped_empty((10, 1 << 18), torch.float32)            # 10 MiB: fits
+    assert reused.data_ptr() == address and reused.shape == (10, 1 << 18)
+    del reused, again, other
+    gc.collect()
+    assert 0 < len(hm._free) <= hm._MAX_CACHED
+    released = hm.empty_cpu_cache()
+    assert released >= 12 << 20 and hm.cached_bytes() == 0
+    assert not _mapped(address)
+
+
+def test_the_cache_keeps_at_most_a_few_mappings(empty_cache):
+    buffers = [hm.mapped_empty((1000 + i,), torch.float32) for i in range(hm._MAX_CACHED + 3)]
+    del buffers
+    gc.collect()
+    assert len(hm._free) == hm._MAX_CACHED
+
+
+def test_empty_cpu_cache_is_public():
+    import naclip_kernels as nk
+
+    assert nk.empty_cpu_cache is hm.empty_cpu_cache
 
 
 def test_advise_skips_small_disabled_and_non_cpu(monkeypatch):

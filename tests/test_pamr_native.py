@@ -181,12 +181,26 @@ def test_kernel_rejects_inconsistent_arguments(lib):
                     {13: 9},                            # a class past the row step
                     {21: 0},                            # chunk 0
                     {14: 3},                            # three levels
-                    {16: width},                        # border rows closer than the levels need
-                    {17: plane.data_ptr(), 18: 4, 19: lo.data_ptr(), 20: frac.data_ptr()}]:  # resize + 2 levels
+                    {16: width}]:                       # border rows closer than the levels need
         wrong = list(args)
         for index, value in changes.items():
             wrong[index] = value
         assert lib.nk_pamr_sweep_f32(*wrong) == -1, changes
+    resized = list(args)                                # a fused pass may read the resize: any number of levels
+    resized[17:21] = [plane.data_ptr(), 4, lo.data_ptr(), frac.data_ptr()]
+    assert lib.nk_pamr_sweep_f32(*resized) == 0
+    strip = torch.zeros(4 * 4)
+    history = [plane.data_ptr(), 16, 4, 1, 4, 4, aff.data_ptr(), dy.data_ptr(), dx.data_ptr(), 1, 8, 8, 2,
+               border.data_ptr(), 4 * width, plane.data_ptr(), 4, lo.data_ptr(), frac.data_ptr(), strip.data_ptr(),
+               torch.zeros(2 * width).data_ptr(), 1, scratch.data_ptr(), scratch.numel()]
+    assert lib.nk_pamr_border_history_f32(*history) == 0
+    for changes in [{16: 0},                            # a resize source of no rows
+                    {17: None},                         # ... or without its row table
+                    {12: 9}]:                           # more levels than a pass can fuse
+        wrong = list(history)
+        for index, value in changes.items():
+            wrong[index] = value
+        assert lib.nk_pamr_border_history_f32(*wrong) == -1, changes
     with pytest.raises(RuntimeError, match="bug in naclip_kernels"):
         pamr_mod._check_native(-1, "a sweep")
 

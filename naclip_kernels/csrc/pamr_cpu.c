@@ -45,7 +45,7 @@
 #define NK_CB 8
 #endif
 #endif
-#define NK_ABI 1
+#define NK_ABI 2
 
 typedef float vf __attribute__((vector_size(NK_VL * sizeof(float))));
 
@@ -387,18 +387,24 @@ static inline void fill_ring_row(float *ring, const float *row, int W, int pad, 
     pad_ring_row(ring, W, pad, left, width);
 }
 
-/* The same for row r of a plane that is the vertical align_corners resize of hres ([h, W]: low-resolution rows
- * already resized along the columns): the first sweep reads the resized mask this way, so the full-size resize
+/* Row r of a plane that is the vertical align_corners resize of hres ([h, W]: low-resolution rows already resized
+ * along the columns) into dst (W floats). The first pass reads the resized mask this way, so the full-size resize
  * is never written to memory and read back. */
-static inline void fill_ring_row_resized(float *ring, const float *hres, int r, int h, const int32_t *row_lo,
-                                         const float *row_frac, int W, int pad, int64_t left, int64_t width)
+static inline void resize_row(float *dst, const float *hres, int r, int h, const int32_t *row_lo,
+                              const float *row_frac, int W)
 {
     const int lo = row_lo[r], hi = lo + 1 < h ? lo + 1 : h - 1;
     const float f = row_frac[r], g = 1.0f - f;
     const float *t0 = hres + (int64_t)lo * W, *t1 = hres + (int64_t)hi * W;
-    float *dst = ring + left;
     for (int j = 0; j < W; j++)
         dst[j] = g * t0[j] + f * t1[j];
+}
+
+/* fill_ring_row for that resized row. */
+static inline void fill_ring_row_resized(float *ring, const float *hres, int r, int h, const int32_t *row_lo,
+                                         const float *row_frac, int W, int pad, int64_t left, int64_t width)
+{
+    resize_row(ring + left, hres, r, h, row_lo, row_frac, W);
     pad_ring_row(ring, W, pad, left, width);
 }
 
@@ -578,8 +584,8 @@ static int init_geometry(sweep_geometry *g, int H, int W, const float *aff, cons
  * Channels are taken `chunk` at a time; the rows of one class of one chunk are swept top to bottom with the
  * class's rows y - pad .. y + pad of each level in the chunk's rings. Sweep l + 1 runs pad rows behind sweep l and
  * its rows live only in ring l; the last sweep writes the planes: each plane row crosses memory once per pass.
- * With hres non-NULL (one level only: the first sweep) the previous values are not read from the planes but
- * resized on the fly from hres ([k, h, W], see nk_pamr_resize_columns_f32), and the planes are only written.
+ * With hres non-NULL (the first pass) the values before the pass are not read from the planes but resized on the
+ * fly from hres ([k, h, W], see nk_pamr_resize_columns_f32), and the planes are only written.
  * aff: as nk_pamr_affinity_f32 writes it. scratch: nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, levels).
  * Returns 0, or -1 when an argument is inconsistent (nothing is written then).
  */
@@ -592,7 +598,7 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
     sweep_geometry g;
     if (init_geometry(&g, H, W, aff, dy, dx, n_taps, pad, row_step) != 0 || k < 1 || chunk < 1 ||
         class_begin < 0 || class_end > row_step || out_rs < W || levels < 1 || levels > NK_MAX_LEVELS ||
-        (hres && levels != 1) || border_cs < 2 * levels * g.width)
+        border_cs < 2 * levels * g.width)
         return -1;
     if (scratch_floats < nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, levels))
         return -1;
@@ -664,17 +670,19 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
  * border rows a `levels`-sweep pass reads; border + c border_cs must already hold them before the pass). Row 0
  * after l sweeps depends only on rows <= l pad of its class, so it is computed by sweeping that class in a strip of
  * the first strip_rows = min(H, (levels - 1) pad + 1) rows (the strip's cut-off end does not reach row 0), and row
- * H - 1 in a strip of the last rows. strip: k strip_rows W floats, strip_border: k 2 width floats, scratch:
- * nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, 1). Single-threaded: a few rows of work.
+ * H - 1 in a strip of the last rows. With hres non-NULL (the first pass) the strips' rows are resized from hres
+ * as in nk_pamr_sweep_f32 instead of read from the planes. strip: k strip_rows W floats, strip_border: k 2 width
+ * floats, scratch: nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, 1). A few rows of work per channel.
  */
 int nk_pamr_border_history_f32(const float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W,
                                const float *aff, const int32_t *dy, const int32_t *dx, int n_taps, int pad,
-                               int row_step, int levels, float *border, int64_t border_cs, float *strip,
-                               float *strip_border, int chunk, float *scratch, int64_t scratch_floats)
+                               int row_step, int levels, float *border, int64_t border_cs, const float *hres, int h,
+                               const int32_t *row_lo, const float *row_frac, float *strip, float *strip_border,
+                               int chunk, float *scratch, int64_t scratch_floats)
 {
     const int64_t width = nk_ring_row_floats(W, pad);
     if (k < 1 || H < 1 || W < 1 || levels < 1 || levels > NK_MAX_LEVELS || pad < 1 || row_step < 1 ||
-        border_cs < 2 * levels * width)
+        border_cs < 2 * levels * width || (hres && (h < 1 || !row_lo || !row_frac)))
         return -1;
     const int strip_rows = (levels - 1) * pad + 1 < H ? (levels - 1) * pad + 1 : H;
     const int whole = strip_rows == H, classes = row_step < H ? row_step : H;
@@ -684,11 +692,22 @@ int nk_pamr_border_history_f32(const float *out, int64_t out_cs, int64_t out_rs,
         const int cls = side ? (strip_rows - 1) % row_step : 0;
         /* The class's rows, and the strip's first and last rows, which its sweeps read as border rows (their
          * values only reach rows past the cut-off, never the border row computed here, but they must be set). */
-        if (nk_copy_rows_f32(strip, strip_cs, W, out + (int64_t)first * out_rs, out_cs, out_rs, k, whole ? 0 : cls,
-                             strip_rows, whole ? 1 : row_step, W) != 0 ||
-            nk_copy_rows_f32(strip, strip_cs, W, out + (int64_t)first * out_rs, out_cs, out_rs, k, 0, strip_rows,
-                             strip_rows > 1 ? strip_rows - 1 : 1, W) != 0)
+        const int step = whole ? 1 : row_step, last_step = strip_rows > 1 ? strip_rows - 1 : 1;
+        if (hres) {
+            for (int64_t c = 0; c < k; c++) {
+                float *dst = strip + c * strip_cs;
+                const float *src = hres + c * h * W;
+                for (int r = whole ? 0 : cls; r < strip_rows; r += step)
+                    resize_row(dst + (int64_t)r * W, src, first + r, h, row_lo, row_frac, W);
+                for (int r = 0; r < strip_rows; r += last_step)
+                    resize_row(dst + (int64_t)r * W, src, first + r, h, row_lo, row_frac, W);
+            }
+        } else if (nk_copy_rows_f32(strip, strip_cs, W, out + (int64_t)first * out_rs, out_cs, out_rs, k,
+                                    whole ? 0 : cls, strip_rows, step, W) != 0 ||
+                   nk_copy_rows_f32(strip, strip_cs, W, out + (int64_t)first * out_rs, out_cs, out_rs, k, 0,
+                                    strip_rows, last_step, W) != 0) {
             return -1;
+        }
         for (int level = 1; level < levels; level++) {
             if (nk_pamr_save_borders_f32(strip, strip_cs, W, k, strip_rows, W, pad, NULL, 0, NULL, NULL,
                                          strip_border, 2 * width, 3) != 0 ||

@@ -334,7 +334,7 @@ def _bind_native(lib) -> None:
         ("nk_pamr_save_borders_f32", [ptr, i64, i64, i64, i32, i32, i32, ptr, i32, ptr, ptr, ptr, i64, i32], i32),
         ("nk_copy_rows_f32", [ptr, i64, i64, ptr, i64, i64, i64, i32, i32, i32, i32], i32),
         ("nk_pamr_border_history_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, ptr, i64,
-                                        ptr, ptr, i32, ptr, i64], i32),
+                                        ptr, i32, ptr, ptr, ptr, ptr, i32, ptr, i64], i32),
         ("nk_pamr_pad_image_f32", [ptr, i64, i64, i64, i32, i32, i32, i32, i32, ptr, i64], i32),
         ("nk_pamr_sweep_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, ptr, i64,
                                ptr, i32, ptr, ptr, i32, ptr, i64], i32),
@@ -379,6 +379,14 @@ def _resize_tables(n_out: int, n_in: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`_align_corners_source` as the C kernels read it: int32 source index, float32 fraction."""
     lo, frac = _align_corners_source(n_out, n_in)
     return lo.to(torch.int32), frac.to(torch.float32)
+
+
+def _pass_levels(num_iter: int) -> List[int]:
+    """The sweeps of each pass over the mask: ``num_iter`` split into the fewest passes of at most
+    ``_SWEEPS_PER_PASS`` sweeps, as equal as they go (10 -> 3, 3, 2, 2)."""
+    fused = max(1, min(_SWEEPS_PER_PASS, _MAX_SWEEPS_PER_PASS))
+    count = -(-num_iter // fused)
+    return [num_iter // count + (1 if i < num_iter % count else 0) for i in range(count)]
 
 
 def _round_floats(count: int) -> int:
@@ -435,12 +443,7 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     ring_row = int(lib.nk_ring_row_floats(width, pad))
     classes = min(row_step, height)
     by_class = threads > 1 and classes >= threads
-    # Passes: the first sweep alone when it reads the resize on the fly, then _SWEEPS_PER_PASS sweeps per pass, the
-    # remainder last.
-    fused = max(1, min(_SWEEPS_PER_PASS, _MAX_SWEEPS_PER_PASS))
-    passes = [1] if resize else []
-    while sum(passes) < num_iter:
-        passes.append(min(fused, num_iter - sum(passes)))
+    passes = _pass_levels(num_iter)
     most = max(passes)
     max_chunks = {levels: max(block, int(_L2_FRACTION * _l2_cache_bytes() // (
         4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels)))) // block * block)
@@ -511,7 +514,7 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                 saved.stride(0), *source, chunk, scratch.data_ptr(), scratch.numel()), "a sweep")
         return run
 
-    def history_job(planes, c0, c1, levels, slot):
+    def history_job(planes, c0, c1, levels, from_resize, slot):
         """border[c0:c1, l] = rows 0 and H - 1 after l sweeps, 0 < l < levels (nk_pamr_border_history_f32)."""
         c1 = min(c1, planes.shape[0])
         strip_border_at, rings_at, _ = history_layout(history_chunk)
@@ -521,10 +524,11 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
         def run():
             for k0 in range(c0, c1, history_chunk):
                 count = min(history_chunk, c1 - k0)
+                source = (hres[k0].data_ptr(), *resize_source) if from_resize else (None, 0, None, None)
                 _check_native(lib.nk_pamr_border_history_f32(
                     planes[k0].data_ptr(), planes.stride(0), planes.stride(1), count, height, width,
                     affinity.data_ptr(), dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, levels,
-                    border[k0].data_ptr(), border.stride(0), strip.data_ptr(), strip_border.data_ptr(),
+                    border[k0].data_ptr(), border.stride(0), *source, strip.data_ptr(), strip_border.data_ptr(),
                     min(count, max_chunks[1]), scratch.data_ptr(), scratch.numel()), "the border rows of a pass")
         return run
 
@@ -564,7 +568,7 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                 planes.copy_(mask[b, g0:g1])
             for index, levels in enumerate(passes):
                 from_resize = resize and index == 0
-                # The first sweep writes fresh output pages: split by channels there, as threads that split a
+                # The first pass writes fresh output pages: split by channels there, as threads that split a
                 # page's rows by class would fault the same pages and contend for them.
                 if by_class and not (from_resize and staging is None):
                     jobs = [sweep_job(planes, 0, count, k0, k1, levels, from_resize, slot)
@@ -577,7 +581,7 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                     planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width, pad, *source,
                     border.data_ptr(), border.stride(0), 3), "saving the border rows")
                 if levels > 1:
-                    _run_threads([history_job(planes, c0, c1, levels, slot)
+                    _run_threads([history_job(planes, c0, c1, levels, from_resize, slot)
                                   for slot, (c0, c1) in enumerate(history_split) if c0 < count])
                 _run_threads(jobs)
             if staging is not None:
