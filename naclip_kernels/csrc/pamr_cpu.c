@@ -282,6 +282,7 @@ static const int nk_unit_dy[8] = {-1, -1, -1, 0, 0, 1, 1, 1};
 static const int nk_unit_dx[8] = {-1, 0, 1, -1, 1, -1, 0, 1};
 
 int nk_fixed_taps(void) { return NK_FIXED_TAPS; }
+int nk_fixed_channel_block(void) { return NK_FIXED_CB; }
 static int fixed_taps_match(const int32_t *dy, const int32_t *dx, int n_taps, int pad, int row_step);
 /* 1 when nk_pamr_sweep_f32 runs the compiled-in taps for these arguments, 0 when it runs the generic loop. */
 int nk_fixed_kernel_applies(const int32_t *dy, const int32_t *dx, int n_taps, int pad, int row_step)
@@ -363,6 +364,7 @@ static void sweep_fixed_block(int cb, float *const *ring_c, const int64_t *row_o
 }
 #else
 int nk_fixed_taps(void) { return 0; }
+int nk_fixed_channel_block(void) { return NK_CB; }
 int nk_fixed_kernel_applies(const int32_t *dy, const int32_t *dx, int n_taps, int pad, int row_step)
 {
     (void)dy, (void)dx, (void)n_taps, (void)pad, (void)row_step;

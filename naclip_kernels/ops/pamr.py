@@ -273,9 +273,10 @@ _L2_FRACTION = 0.5
 _DEFAULT_L2_BYTES = 1 << 20
 # Sweeps fused into one pass over the mask (nk_pamr_sweep_f32): each mask row crosses memory once per pass, but
 # every extra sweep adds a ring per channel (smaller chunks, so more affinity reads) and a few border-strip rows.
-# Measured on the dev CPU at 336x448 / 171 queries, 560x1120 / 19 and 1024x2048 / 56 (medians, alternating runs):
-# 3 was as fast as 2 or faster everywhere, 4 slower at 171 queries.
-_SWEEPS_PER_PASS = 3
+# Measured on the dev CPU (minimum of alternating runs, ring chunks in whole register blocks, 10 iterations) against
+# 3 (passes 3, 3, 2, 2) and 10 (one pass): 5 (passes 5, 5) was fastest at 336x448 with 21 / 56 / 171 queries
+# (11.3 / 23.6 / 67.0 ms against 12.5 / 26.7 / 73.7 for 3) and at 1024x2048 / 56 (427 ms against 552).
+_SWEEPS_PER_PASS = 5
 _MAX_SWEEPS_PER_PASS = 8     # NK_MAX_LEVELS in pamr_cpu.c
 # Masks in another dtype than float32 are swept in float32 groups of this many planes per thread, each rounded
 # into the output: the float32 staging stays a few planes, not a float32 copy of the whole mask.
@@ -325,7 +326,7 @@ def _bind_native(lib) -> None:
 
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     for name, args, res in [
-        ("nk_vector_width", [], i32), ("nk_channel_block", [], i32), ("nk_fixed_taps", [], i32),
+        ("nk_vector_width", [], i32), ("nk_channel_block", [], i32), ("nk_fixed_taps", [], i32), ("nk_fixed_channel_block", [], i32),
         ("nk_fixed_kernel_applies", [ptr, ptr, i32, i32, i32], i32),
         ("nk_affinity_floats", [i32, i32, i32], i64), ("nk_ring_row_floats", [i32, i32], i64),
         ("nk_pamr_sweep_scratch_floats", [i32, i32, i32, i32, i32], i64),
@@ -431,7 +432,10 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     row_step = functools.reduce(math.gcd, dilations)
     dy = torch.tensor([o[0] for o in offsets], dtype=torch.int32)
     dx = torch.tensor([o[1] for o in offsets], dtype=torch.int32)
-    vector, block = int(lib.nk_vector_width()), int(lib.nk_channel_block())
+    vector = int(lib.nk_vector_width())
+    # Channels per register block of the sweep kernel that will run (ring chunks are whole blocks).
+    fixed = bool(lib.nk_fixed_kernel_applies(dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step))
+    block = int(lib.nk_fixed_channel_block() if fixed else lib.nk_channel_block())
     threads = max(1, torch.get_num_threads())
     out = empty_output(batch, channels, height, width, dtype=mask.dtype, device=mask.device, own_mapping=True)
     resize = (mask_h, mask_w) != (height, width)
