@@ -56,7 +56,7 @@ CASES = [
     pytest.param((1, 20, 33, 20, 20, 33, (1, 2), 3), id="20x33_same_size_step_1"),
     pytest.param((1, 25, 18, 5, 31, 40, (2, 4), 2), id="larger_mask_25x18_step_2"),
     pytest.param((1, 18, 17, 35, 3, 3, (1, 3, 5), 1), id="C35_three_dilations_1iter"),
-    pytest.param((1, 61, 21, 5, 4, 2, (8, 16), 10), id="61x21_d8-16_border_strips_shorter_than_the_image"),
+    pytest.param((1, 90, 21, 5, 6, 2, (8, 16), 10), id="90x21_d8-16_border_strips_shorter_than_the_image"),
     pytest.param((1, 64, 9, 3, 64, 9, (8, 16), 7), id="64x9_same_size_odd_sweeps"),
 ]
 
