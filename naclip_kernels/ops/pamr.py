@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from naclip_kernels import reference
 from naclip_kernels._alloc import empty_output, poison, poisoning
-from naclip_kernels._host_memory import mapped_empty
 from naclip_kernels._backend import BackendUnavailableError, resolve_backend
+from naclip_kernels._host_memory import mapped_empty
 from naclip_kernels._library import define_op
 from naclip_kernels._triton_compat import tl, triton
 from naclip_kernels._validation import check_float_tensor, check_int
@@ -407,22 +407,23 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     output in the mask's dtype.
 
     CPU tensors only, neither of them float64 (the caller checks). Schedule: affinities once; the mask's column
-    resize into a small ``[C, h, W]`` buffer (the row resize happens on the fly in the first sweep, so the resized
-    mask is never written and read back); then passes of up to ``_SWEEPS_PER_PASS`` sweeps, in place in the output.
-    Work is split over ``torch.get_num_threads()`` Python threads (the C calls drop the GIL): the affinity pass
-    by rows, the resize by channels, and each pass by residue classes of rows modulo ``gcd(dilations)`` when there
-    are at least as many classes as threads (the affinities are then read once per sweep), else by channels.
+    resize into a small ``[C, h, W]`` buffer (the row resize happens on the fly in the first pass, so the resized
+    mask is never written and read back); then ``num_iter`` sweeps in passes of up to ``_SWEEPS_PER_PASS``
+    (:func:`_pass_levels`), in place in the output, each pass preceded by its border history. Work is split over
+    ``torch.get_num_threads()`` Python threads (the C calls drop the GIL): the affinity pass by rows, the resize
+    and the border history by channels, and each pass by residue classes of rows modulo ``gcd(dilations)`` when
+    there are at least as many classes as threads (the affinities are then read once per pass), else by channels.
     Between those thread rounds only C runs (no torch op, which would leave torch's OpenMP threads spinning on
     the cores the next round needs).
 
-    Memory: the output and one scratch mapping per call (:func:`naclip_kernels._host_memory.mapped_empty`, so
-    neither stays in the malloc heap after the call, and both take transparent huge pages: fresh 4 KiB pages
-    cost more than a sweep). The scratch holds the ``[H, ~W, 8 L]`` affinities, a few saved border rows per
-    channel, each thread's rings (about half its L2 cache; before a fused pass they hold the border-history
-    strips), the ``[C, h, W]`` column resize, and for masks that are not float32 a few float32 staging planes per
-    thread. The padded image lives in the output's memory when it fits there (else with the column resize):
-    the output is only written after the affinity pass. At 21 queries, 336x448, that is 1.92x the mask in all,
-    of which the output is 1x and the affinities 0.76x.
+    Memory: the output and one scratch buffer per call, both from
+    :func:`naclip_kernels._host_memory.mapped_empty` (huge-page mappings, cached between calls: fresh pages cost
+    more than the sweeps on the dev VM). The scratch holds the ``[H, ~W, 8 L]`` affinities, the rows 0 and
+    ``H - 1`` of each plane after each sweep of a pass, each thread's rings (about half its L2 cache; before a pass
+    they hold the border-history strips), the ``[C, h, W]`` column resize, and for masks that are not float32 a
+    few float32 staging planes per thread. The padded image lives in the output's memory when it fits there (else
+    where the column resize goes): the output is only written after the affinity pass. At 21 queries, 336x448,
+    the peak is 1.95x the mask, of which the output is 1x and the affinities 0.76x.
     """
     _bind_native(lib)
     batch, _, height, width = image.shape
@@ -454,13 +455,14 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
         for levels in set(passes) | {1}}
     history_split = _split(group, threads)                  # channel ranges of the border-history jobs
     strip_rows = min(height, (most - 1) * pad + 1)
-    # Each thread's ring slot holds any sweep job's rings (a job's chunk is at most min(its channels, max_chunks)),
-    # and before a fused pass the border history's strips, strip borders and single-level rings, for
-    # `history_chunk` channels at a time: as many as fit in the rings, so the strips cost no memory of their own.
+
     def job_chunk(count: int, levels: int) -> int:
         """The channels a sweep job of `count` channels takes at a time: equal chunks of at most max_chunks."""
         return -(-count // -(-count // max_chunks[levels]))
 
+    # Each thread's ring slot holds the rings of any sweep job it may run, and before a fused pass the border
+    # history's strips, strip borders and single-level rings for `history_chunk` channels at a time: as many as
+    # fit in the rings, so the strips cost no memory of their own.
     job_counts = set()                               # the channel counts the sweep jobs can have
     for g0 in range(0, channels, group):
         count = min(group, channels - g0)
