@@ -590,17 +590,21 @@ static int init_geometry(sweep_geometry *g, int H, int W, const float *aff, cons
  * fly from hres ([k, h, W], see nk_pamr_resize_columns_f32), and the planes are only written.
  * aff: as nk_pamr_affinity_f32 writes it. scratch: nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, levels).
  * Returns 0, or -1 when an argument is inconsistent (nothing is written then).
+ *
+ * sweep_rows is that for the rows y_begin <= y < y_end only (nk_pamr_sweep_f32: all rows). The other rows keep
+ * their values, and the taps of computed rows still read them. A partial range is for one level only: with more,
+ * a level would read rows of the previous one that were not computed.
  */
-int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, const float *aff,
+static int sweep_rows(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, const float *aff,
                       const int32_t *dy, const int32_t *dx, int n_taps, int pad, int row_step, int class_begin,
                       int class_end, int levels, const float *border, int64_t border_cs, const float *hres, int h,
                       const int32_t *row_lo, const float *row_frac, int chunk, float *scratch,
-                      int64_t scratch_floats)
+                      int64_t scratch_floats, int y_begin, int y_end)
 {
     sweep_geometry g;
     if (init_geometry(&g, H, W, aff, dy, dx, n_taps, pad, row_step) != 0 || k < 1 || chunk < 1 ||
         class_begin < 0 || class_end > row_step || out_rs < W || levels < 1 || levels > NK_MAX_LEVELS ||
-        border_cs < 2 * levels * g.width)
+        border_cs < 2 * levels * g.width || y_begin < 0 || y_end > H || (levels > 1 && (y_begin > 0 || y_end < H)))
         return -1;
     if (scratch_floats < nk_pamr_sweep_scratch_floats(chunk, W, pad, row_step, levels))
         return -1;
@@ -609,6 +613,10 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
     int64_t tap[n_taps];
     for (int rho = class_begin; rho < class_end && rho < H; rho++) {
         const int rows = (H - rho + row_step - 1) / row_step;   /* rows of the class: y_j = rho + j row_step */
+        const int j_begin = y_begin > rho ? (y_begin - rho + row_step - 1) / row_step : 0;
+        const int j_end = y_end > rho ? (y_end - rho + row_step - 1) / row_step : 0;   /* computed: j_begin <= j < j_end */
+        if (j_begin >= j_end)
+            continue;
         for (int64_t c0 = 0; c0 < k; c0 += chunk) {
             const int count = (int)(k - c0 < chunk ? k - c0 : chunk);
             float *const first_plane = out + c0 * out_cs;
@@ -626,14 +634,14 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
                 for (int l = 0; l < levels; l++)
                     memcpy(scratch + c * per_channel + l * g.ring_floats + g.slots * width,
                            border + (c0 + c) * border_cs + 2 * l * width, 2 * (size_t)width * sizeof(float));
-                for (int j = 0; j < rows && j <= steps; j++)
+                for (int j = j_begin > steps ? j_begin - steps : 0; j < rows && j <= j_begin + steps; j++)
                     NK_FILL(c, j);
             }
             /* Step s: sweep l (1-based) computes class row s - (l - 1) steps from ring l - 1. */
-            for (int s = 0; s < rows + (levels - 1) * steps; s++) {
-                if (s < rows) {
+            for (int s = j_begin; s < j_end + (levels - 1) * steps; s++) {
+                if (s < j_end) {
                     const int y = rho + s * row_step;
-                    if (s > 0 && s + steps < rows)
+                    if (s > j_begin && s + steps < rows)
                         for (int c = 0; c < count; c++)
                             NK_FILL(c, s + steps);
                     /* The class's next incoming rows and affinity row: one stream per channel, more than the
@@ -647,7 +655,7 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
                 }
                 for (int l = 1; l <= levels; l++) {
                     const int j = s - (l - 1) * steps;
-                    if (j < 0 || j >= rows)
+                    if (j < j_begin || j >= j_end)
                         continue;
                     const int y = rho + j * row_step;
                     float *src = scratch + (l - 1) * g.ring_floats;
@@ -665,6 +673,16 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
         }
     }
     return 0;
+}
+
+int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, const float *aff,
+                      const int32_t *dy, const int32_t *dx, int n_taps, int pad, int row_step, int class_begin,
+                      int class_end, int levels, const float *border, int64_t border_cs, const float *hres, int h,
+                      const int32_t *row_lo, const float *row_frac, int chunk, float *scratch,
+                      int64_t scratch_floats)
+{
+    return sweep_rows(out, out_cs, out_rs, k, H, W, aff, dy, dx, n_taps, pad, row_step, class_begin, class_end,
+                      levels, border, border_cs, hres, h, row_lo, row_frac, chunk, scratch, scratch_floats, 0, H);
 }
 
 /*
@@ -711,11 +729,15 @@ int nk_pamr_border_history_f32(const float *out, int64_t out_cs, int64_t out_rs,
             return -1;
         }
         for (int level = 1; level < levels; level++) {
+            /* After this level only rows within `reach` of the border row still matter (each later level moves
+             * information at most pad rows), so only those are swept. */
+            const int reach = (levels - 1 - level) * pad;
             if (nk_pamr_save_borders_f32(strip, strip_cs, W, k, strip_rows, W, pad, NULL, 0, NULL, NULL,
                                          strip_border, 2 * width, 3) != 0 ||
-                nk_pamr_sweep_f32(strip, strip_cs, W, k, strip_rows, W, aff + first * aff_row, dy, dx, n_taps, pad,
-                                  row_step, whole ? 0 : cls, whole ? classes : cls + 1, 1, strip_border, 2 * width,
-                                  NULL, 0, NULL, NULL, chunk, scratch, scratch_floats) != 0 ||
+                sweep_rows(strip, strip_cs, W, k, strip_rows, W, aff + first * aff_row, dy, dx, n_taps, pad,
+                           row_step, whole ? 0 : cls, whole ? classes : cls + 1, 1, strip_border, 2 * width, NULL, 0,
+                           NULL, NULL, chunk, scratch, scratch_floats, side && !whole ? strip_rows - 1 - reach : 0,
+                           side || whole ? strip_rows : reach + 1) != 0 ||
                 nk_pamr_save_borders_f32(strip, strip_cs, W, k, strip_rows, W, pad, NULL, 0, NULL, NULL,
                                          border + 2 * level * width, border_cs, 1 << side) != 0)
                 return -1;
