@@ -66,8 +66,8 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     # by tens of per cent within a run, and a floor probed minutes earlier would move the ratio with it.
     row_rates = None
     if provider != "reference" and not device.startswith("cuda") and spec.get("probe_matmul_n"):
-        row_rates = {"matmul": machine.measure_matmul_rate(device, n=spec["probe_matmul_n"]),
-                     "copy": machine.measure_copy_rate(device, mbytes=spec["probe_copy_mbytes"])}
+        row_rates = {"matmul": machine.measure_matmul_rate(device, n=spec["probe_matmul_n"], repeats=7),
+                     "copy": machine.measure_copy_rate(device, mbytes=spec["probe_copy_mbytes"], repeats=7)}
     # One tiny call of the registered op (torch path: no Triton compile) before the baseline: the first call through
     # torch.library initialises its dispatch machinery, ~80 MB of resident memory kept for the process's life,
     # which is not the provider's working memory (that one-off would otherwise be most of peak_mb).
@@ -162,15 +162,17 @@ def add_floors(doc: Dict[str, Any]) -> None:
     ``floor_fma_s`` = the propagation's multiply-adds (:func:`pamr_flops`) at the measured matmul rate (the
     machine's fused multiply-add throughput), ``floor_copy_s`` = the compulsory traffic (:func:`pamr_bytes`) at the
     measured copy bandwidth, ``floor_s`` = the larger, ``x_floor`` = median / floor. The rates are the row's own
-    (``row_rates``, probed in its process just before it), else the run's. CPU runs only: on CUDA the measured
-    matmul is float16 on tensor cores, not the sweeps' float32 rate, and the datasheet-peak floor columns of
-    :func:`bench.sweep.add_derived` apply instead.
+    (``row_rates``, probed in its process just before it), else the run's, each from its probe's fastest call (a
+    floor is a bound: a probe's median taken in a slow moment gave a floor above a measured time). CPU runs only:
+    on CUDA the measured matmul is float16 on tensor cores, not the sweeps' float32 rate, and the datasheet-peak
+    floor columns of :func:`bench.sweep.add_derived` apply instead.
     """
     if str(doc["machine"].get("device", "cpu")).startswith("cuda"):
         return
     for r in doc["rows"]:
         rates = r.get("row_rates") or doc.get("reference_rates", {})
-        matmul, copy = rates.get("matmul", {}).get("gflops"), rates.get("copy", {}).get("gbps")
+        matmul = rates.get("matmul", {}).get("best_gflops") or rates.get("matmul", {}).get("gflops")
+        copy = rates.get("copy", {}).get("best_gbps") or rates.get("copy", {}).get("gbps")
         if r.get("status") != "ok" or not matmul or not copy:
             continue
         r["floor_matmul_gflops"], r["floor_copy_gbps"] = matmul, copy
@@ -186,7 +188,8 @@ def floors_markdown(doc: Dict[str, Any]) -> str:
     if not rows:
         return ""
     lines = ["Floors: the multiply-adds at the measured float32 matmul rate and the compulsory traffic at the measured "
-             "copy bandwidth, both probed in the row's process just before it; the larger is the floor.", "",
+             "copy bandwidth, both probed in the row's process just before it (fastest of 7 calls each); the larger "
+             "is the floor.", "",
              "| image | queries | dtype | provider | median | matmul | copy | FMA floor | traffic floor | x floor "
              "| speedup |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -200,8 +200,9 @@ def test_pamr_floors_are_the_larger_of_fma_and_traffic_and_cpu_only():
     assert "floor_s" not in doc["rows"][1]
     assert ("| 8x8 | 2 | float32 | torch | 500 ms | 10 GFLOP/s | 2.0 GB/s | 200 ms | 2.00 s | 0.2x |"
             in pamr.floors_markdown(doc))
-    # A row's own probe (taken in its process just before it) wins over the run's.
-    own = dict(row, row_rates={"matmul": {"gflops": 1.0}, "copy": {"gbps": 40.0}})
+    # A row's own probe (taken in its process just before it) wins over the run's, at its fastest call's rates.
+    own = dict(row, row_rates={"matmul": {"gflops": 0.5, "best_gflops": 1.0},
+                               "copy": {"gbps": 20.0, "best_gbps": 40.0}})
     doc_own = dict(doc, rows=[own])
     pamr.add_floors(doc_own)
     assert own["floor_fma_s"] == pytest.approx(2.0) and own["floor_copy_s"] == pytest.approx(0.1)

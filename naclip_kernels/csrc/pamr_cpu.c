@@ -613,8 +613,9 @@ static int sweep_rows(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
     int64_t tap[n_taps];
     for (int rho = class_begin; rho < class_end && rho < H; rho++) {
         const int rows = (H - rho + row_step - 1) / row_step;   /* rows of the class: y_j = rho + j row_step */
+        /* The class rows computed: j_begin <= j < j_end. */
         const int j_begin = y_begin > rho ? (y_begin - rho + row_step - 1) / row_step : 0;
-        const int j_end = y_end > rho ? (y_end - rho + row_step - 1) / row_step : 0;   /* computed: j_begin <= j < j_end */
+        const int j_end = y_end > rho ? (y_end - rho + row_step - 1) / row_step : 0;
         if (j_begin >= j_end)
             continue;
         for (int64_t c0 = 0; c0 < k; c0 += chunk) {

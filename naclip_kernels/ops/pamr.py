@@ -326,7 +326,8 @@ def _bind_native(lib) -> None:
 
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     for name, args, res in [
-        ("nk_vector_width", [], i32), ("nk_channel_block", [], i32), ("nk_fixed_taps", [], i32), ("nk_fixed_channel_block", [], i32),
+        ("nk_vector_width", [], i32), ("nk_channel_block", [], i32), ("nk_fixed_taps", [], i32),
+        ("nk_fixed_channel_block", [], i32),
         ("nk_fixed_kernel_applies", [ptr, ptr, i32, i32, i32], i32),
         ("nk_affinity_floats", [i32, i32, i32], i64), ("nk_ring_row_floats", [i32, i32], i64),
         ("nk_pamr_sweep_scratch_floats", [i32, i32, i32, i32, i32], i64),
@@ -384,7 +385,7 @@ def _resize_tables(n_out: int, n_in: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _pass_levels(num_iter: int) -> List[int]:
     """The sweeps of each pass over the mask: ``num_iter`` split into the fewest passes of at most
-    ``_SWEEPS_PER_PASS`` sweeps, as equal as they go (10 -> 3, 3, 2, 2)."""
+    ``_SWEEPS_PER_PASS`` sweeps, as equal as they go (10 at 5 per pass: 5, 5; at 3 per pass: 3, 3, 2, 2)."""
     fused = max(1, min(_SWEEPS_PER_PASS, _MAX_SWEEPS_PER_PASS))
     count = -(-num_iter // fused)
     return [num_iter // count + (1 if i < num_iter % count else 0) for i in range(count)]
