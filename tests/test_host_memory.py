@@ -137,3 +137,30 @@ def test_empty_output_own_mapping_is_poisoned_and_cpu_only():
         out.resize_(10, 10)
     plain = empty_output(2, 3, dtype=torch.float32, device="cpu")
     plain.resize_(10, 10)                                             # the default stays an ordinary allocation
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_with_an_empty_cache(empty_cache):
+    import os
+
+    t = hm.mapped_empty((1 << 20,), torch.float32)
+    del t
+    gc.collect()
+    assert hm.cached_bytes() > 0
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                                      # the child: report and leave at once
+        try:
+            cached = hm.cached_bytes()
+            fresh = hm.mapped_empty((1000,), torch.float32)
+            fresh.fill_(2.0)
+            ok = cached == 0 and float(fresh.sum()) == 2000.0
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert answer == b"1", "the child inherited the parent's cached mappings"
+    assert hm.cached_bytes() > 0, "the parent keeps its cache"
