@@ -40,7 +40,7 @@ def poison(out: torch.Tensor) -> None:
 
 def empty_output(*shape, dtype: torch.dtype, device, own_mapping: bool = False) -> torch.Tensor:
     """``torch.empty`` for kernel outputs; NaN-filled under :func:`poison_outputs`. ``own_mapping`` (CPU): the
-    buffer gets its own memory mapping, hinted for huge pages and unmapped when freed
+    buffer gets its own memory mapping, hinted for huge pages and returned to a small cache when freed
     (:func:`naclip_kernels._host_memory.mapped_empty`; not resizable)."""
     if own_mapping and torch.device(device).type == "cpu":
         out = mapped_empty(shape, dtype)

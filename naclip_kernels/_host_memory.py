@@ -37,6 +37,8 @@ from typing import List, Sequence
 
 import torch
 
+from naclip_kernels._env import switch_on
+
 HUGE_PAGE_BYTES = 1 << 21
 # Buffers smaller than this are left alone: at most one aligned huge page would fit inside.
 _MIN_HINT_BYTES = 2 * HUGE_PAGE_BYTES
@@ -49,18 +51,14 @@ _MAX_CACHED = 4
 _MIN_FILL = 0.5
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() not in ("0", "off", "false", "no")
-
-
 def huge_pages_enabled() -> bool:
     """False when ``NACLIP_KERNELS_HUGE_PAGES`` is ``0``/``off``/``false``/``no`` or the system is not Linux."""
-    return sys.platform.startswith("linux") and _flag("NACLIP_KERNELS_HUGE_PAGES")
+    return sys.platform.startswith("linux") and switch_on("NACLIP_KERNELS_HUGE_PAGES")
 
 
 def cpu_cache_enabled() -> bool:
     """False when ``NACLIP_KERNELS_CPU_CACHE`` is ``0``/``off``/``false``/``no``."""
-    return _flag("NACLIP_KERNELS_CPU_CACHE")
+    return switch_on("NACLIP_KERNELS_CPU_CACHE")
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,23 +71,17 @@ def _madvise():
     return fn
 
 
-def _advise(start: int, nbytes: int) -> bool:
-    """Hint the whole huge pages inside ``[start, start + nbytes)``; True if a range was hinted."""
-    fn = _madvise() if huge_pages_enabled() and nbytes >= _MIN_HINT_BYTES else None
+def advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """Hint the 2 MiB-aligned interior of a CPU tensor's memory for transparent huge pages; call it before the
+    memory is first written (pages already resident keep their size). True if a range was hinted; a refused hint
+    (``madvise`` failing, THP absent) is ignored, as the buffer works either way."""
+    start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    fn = _madvise() if tensor.device.type == "cpu" and huge_pages_enabled() and nbytes >= _MIN_HINT_BYTES else None
     if fn is None:
         return False
     first = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
     last = (start + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     return last > first and fn(first, last - first, _MADV_HUGEPAGE) == 0
-
-
-def advise_huge_pages(tensor: torch.Tensor) -> bool:
-    """Hint the 2 MiB-aligned interior of a CPU tensor's memory for transparent huge pages; call it before the
-    memory is first written (pages already resident keep their size). True if a range was hinted; a refused hint
-    (``madvise`` failing, THP absent) is ignored, as the buffer works either way."""
-    if tensor.device.type != "cpu":
-        return False
-    return _advise(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
 # ---- the cache -------------------------------------------------------------------------------------------------
@@ -142,7 +134,7 @@ def empty_cpu_cache() -> int:
     """Unmap the cached free mappings of the compiled CPU kernels (buffers in use are not touched). Returns the
     bytes of address space released (their resident part is at most that)."""
     with _lock:
-        released = sum(len(r) for r in _free)
+        released = cached_bytes()
         _free.clear()
     return released
 
@@ -169,5 +161,6 @@ def mapped_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     # torch.frombuffer keeps `block` alive for as long as any view of the tensor lives; when it dies, the
     # mapping goes back to the cache.
     weakref.finalize(block, _give_back, region)
-    _advise(ctypes.addressof(block), nbytes)
-    return torch.frombuffer(block, dtype=dtype, count=count).view(shape)
+    tensor = torch.frombuffer(block, dtype=dtype, count=count)
+    advise_huge_pages(tensor)
+    return tensor.view(shape)

@@ -40,6 +40,8 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from naclip_kernels._env import switch_on
+
 __all__ = ["load", "status", "build", "disabled", "NativeBuildError", "SOURCES"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -63,7 +65,7 @@ class NativeBuildError(RuntimeError):
 def disabled() -> bool:
     """True when ``NACLIP_KERNELS_NATIVE`` is ``0``, ``false``, ``no`` or ``off``. It is read on every call, so a
     test or a user can switch it at run time."""
-    return os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+    return not switch_on(_ENV_SWITCH)
 
 
 def cache_dir() -> Path:

@@ -438,7 +438,7 @@ int nk_pamr_resize_columns_f32(const float *src, int64_t k, int h, int w, int W,
 /* The previous sweep's rows 0 and H - 1 of k planes, replicate-padded like ring rows, into border + c border_cs
  * (row 0) and border + c border_cs + width (row H - 1), width = nk_ring_row_floats(W, pad): what clamped taps read
  * while those rows are being overwritten. `sides` selects them: bit 0 row 0, bit 1 row H - 1. With hres non-NULL
- * (the first sweep) the rows come from the resize instead, as in nk_pamr_sweep_f32. */
+ * (the first pass) the rows come from the resize instead, as in nk_pamr_sweep_f32. */
 int nk_pamr_save_borders_f32(const float *out, int64_t out_cs, int64_t out_rs, int64_t k, int H, int W, int pad,
                              const float *hres, int h, const int32_t *row_lo, const float *row_frac, float *border,
                              int64_t border_cs, int sides)
@@ -457,21 +457,6 @@ int nk_pamr_save_borders_f32(const float *out, int64_t out_cs, int64_t out_rs, i
             else
                 fill_ring_row(dst, out + c * out_cs + (int64_t)r * out_rs, W, pad, left, width);
         }
-    return 0;
-}
-
-/* dst row first_row + i row_step <- src row first_row + i row_step (i >= 0, < rows) of k planes of W floats. The
- * launcher's small copies are done here, not by torch: a torch op leaves torch's OpenMP threads spinning for a
- * while, competing for the cores with the threads about to run these kernels. */
-int nk_copy_rows_f32(float *dst, int64_t dst_cs, int64_t dst_rs, const float *src, int64_t src_cs, int64_t src_rs,
-                     int64_t k, int first_row, int rows, int row_step, int W)
-{
-    if (k < 0 || W < 0 || row_step < 1 || first_row < 0)
-        return -1;
-    for (int64_t c = 0; c < k; c++)
-        for (int r = first_row; r < rows; r += row_step)
-            memcpy(dst + c * dst_cs + (int64_t)r * dst_rs, src + c * src_cs + (int64_t)r * src_rs,
-                   (size_t)W * sizeof(float));
     return 0;
 }
 
@@ -690,6 +675,17 @@ int nk_pamr_sweep_f32(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
                       levels, border, border_cs, hres, h, row_lo, row_frac, chunk, scratch, scratch_floats, 0, H);
 }
 
+/* Row y of a plane before the pass into dst (W floats): resized from hres_c when it is given (the first pass),
+ * else copied from the plane. */
+static inline void strip_row(float *dst, const float *plane, int64_t out_rs, const float *hres_c, int h,
+                             const int32_t *row_lo, const float *row_frac, int W, int y)
+{
+    if (hres_c)
+        resize_row(dst, hres_c, y, h, row_lo, row_frac, W);
+    else
+        memcpy(dst, plane + (int64_t)y * out_rs, (size_t)W * sizeof(float));
+}
+
 /*
  * Rows 0 and H - 1 of k planes after l sweeps, for 0 < l < levels, into border + c border_cs + 2 l width (the
  * border rows a `levels`-sweep pass reads; border + c border_cs must already hold them before the pass). Row 0
@@ -718,20 +714,14 @@ int nk_pamr_border_history_f32(const float *out, int64_t out_cs, int64_t out_rs,
         /* The class's rows, and the strip's first and last rows, which its sweeps read as border rows (their
          * values only reach rows past the cut-off, never the border row computed here, but they must be set). */
         const int step = whole ? 1 : row_step, last_step = strip_rows > 1 ? strip_rows - 1 : 1;
-        if (hres) {
-            for (int64_t c = 0; c < k; c++) {
-                float *dst = strip + c * strip_cs;
-                const float *src = hres + c * h * W;
-                for (int r = whole ? 0 : cls; r < strip_rows; r += step)
-                    resize_row(dst + (int64_t)r * W, src, first + r, h, row_lo, row_frac, W);
-                for (int r = 0; r < strip_rows; r += last_step)
-                    resize_row(dst + (int64_t)r * W, src, first + r, h, row_lo, row_frac, W);
-            }
-        } else if (nk_copy_rows_f32(strip, strip_cs, W, out + (int64_t)first * out_rs, out_cs, out_rs, k,
-                                    whole ? 0 : cls, strip_rows, step, W) != 0 ||
-                   nk_copy_rows_f32(strip, strip_cs, W, out + (int64_t)first * out_rs, out_cs, out_rs, k, 0,
-                                    strip_rows, last_step, W) != 0) {
-            return -1;
+        for (int64_t c = 0; c < k; c++) {
+            float *dst = strip + c * strip_cs;
+            for (int r = whole ? 0 : cls; r < strip_rows; r += step)
+                strip_row(dst + (int64_t)r * W, out + c * out_cs, out_rs, hres ? hres + c * h * W : NULL, h, row_lo,
+                          row_frac, W, first + r);
+            for (int r = 0; r < strip_rows; r += last_step)
+                strip_row(dst + (int64_t)r * W, out + c * out_cs, out_rs, hres ? hres + c * h * W : NULL, h, row_lo,
+                          row_frac, W, first + r);
         }
         for (int level = 1; level < levels; level++) {
             /* After this level only rows within `reach` of the border row still matter (each later level moves

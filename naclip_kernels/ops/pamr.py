@@ -334,7 +334,6 @@ def _bind_native(lib) -> None:
         ("nk_pamr_affinity_f32", [ptr, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, ptr, i32, i32], i32),
         ("nk_pamr_resize_columns_f32", [ptr, i64, i32, i32, i32, ptr, ptr, ptr], i32),
         ("nk_pamr_save_borders_f32", [ptr, i64, i64, i64, i32, i32, i32, ptr, i32, ptr, ptr, ptr, i64, i32], i32),
-        ("nk_copy_rows_f32", [ptr, i64, i64, ptr, i64, i64, i64, i32, i32, i32, i32], i32),
         ("nk_pamr_border_history_f32", [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, ptr, i64,
                                         ptr, i32, ptr, ptr, ptr, ptr, i32, ptr, i64], i32),
         ("nk_pamr_pad_image_f32", [ptr, i64, i64, i64, i32, i32, i32, i32, i32, ptr, i64], i32),
@@ -482,9 +481,10 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     history_chunk = max(c1 - c0 for c0, c1 in history_split)
     while history_chunk > 1 and history_layout(history_chunk)[2] > ring_floats:
         history_chunk -= 1
+    strip_border_at, history_rings_at, history_floats = history_layout(history_chunk)
     if most > 1:
-        ring_floats = max(ring_floats, history_layout(history_chunk)[2])
-    # The image, replicate-padded once (in C: see nk_copy_rows_f32 on torch ops between these kernels): the
+        ring_floats = max(ring_floats, history_floats)
+    # The image, replicate-padded once (in C, so that no torch op runs between the thread rounds): the
     # affinity loop then reads every neighbour (and the whole last vector of a row) without clamping. It lives in the
     # output's memory when that fits (the output is only written after the affinities), else in the phase region.
     x_rs = -(-width // vector) * vector + 2 * pad
@@ -505,14 +505,19 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     staging = None if mask.dtype == torch.float32 else parts["staging"].view(group, height, width)
     rings = [parts["rings"][i * ring_floats:(i + 1) * ring_floats] for i in range(threads)]
     hres = phase[:group * mask_h * width].view(group, mask_h, width) if resize else None
-    # The first sweep of a resized mask reads the resize on the fly (hres + the row tables) instead of the planes.
-    resize_source = (mask_h, row_lo.data_ptr(), row_frac.data_ptr()) if resize else None
+
+    def source_args(c0, from_resize):
+        """The C kernels' (hres, h, row_lo, row_frac) for planes from c0 on: the first pass of a resized mask reads
+        the resize on the fly (hres + the row tables) instead of the planes."""
+        if not from_resize:
+            return None, 0, None, None
+        return hres[c0].data_ptr(), mask_h, row_lo.data_ptr(), row_frac.data_ptr()
 
     def sweep_job(planes, c0, c1, k0, k1, levels, from_resize, slot):
         count = c1 - c0
         chunk = job_chunk(count, levels)
         target, saved, scratch = planes[c0:c1], border[c0:c1], rings[slot]
-        source = (hres[c0].data_ptr(), *resize_source) if from_resize else (None, 0, None, None)
+        source = source_args(c0, from_resize)
 
         def run():
             _check_native(lib.nk_pamr_sweep_f32(
@@ -524,19 +529,18 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     def history_job(planes, c0, c1, levels, from_resize, slot):
         """border[c0:c1, l] = rows 0 and H - 1 after l sweeps, 0 < l < levels (nk_pamr_border_history_f32)."""
         c1 = min(c1, planes.shape[0])
-        strip_border_at, rings_at, _ = history_layout(history_chunk)
         slot_floats = rings[slot]
-        strip, strip_border, scratch = (slot_floats, slot_floats[strip_border_at:], slot_floats[rings_at:])
+        strip, strip_border, scratch = slot_floats, slot_floats[strip_border_at:], slot_floats[history_rings_at:]
 
         def run():
             for k0 in range(c0, c1, history_chunk):
                 count = min(history_chunk, c1 - k0)
-                source = (hres[k0].data_ptr(), *resize_source) if from_resize else (None, 0, None, None)
                 _check_native(lib.nk_pamr_border_history_f32(
                     planes[k0].data_ptr(), planes.stride(0), planes.stride(1), count, height, width,
                     affinity.data_ptr(), dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step, levels,
-                    border[k0].data_ptr(), border.stride(0), *source, strip.data_ptr(), strip_border.data_ptr(),
-                    min(count, max_chunks[1]), scratch.data_ptr(), scratch.numel()), "the border rows of a pass")
+                    border[k0].data_ptr(), border.stride(0), *source_args(k0, from_resize), strip.data_ptr(),
+                    strip_border.data_ptr(), min(count, max_chunks[1]), scratch.data_ptr(), scratch.numel()),
+                    "the border rows of a pass")
         return run
 
     for b in range(batch):
@@ -575,17 +579,18 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
                 planes.copy_(mask[b, g0:g1])
             for index, levels in enumerate(passes):
                 from_resize = resize and index == 0
-                # The first pass writes fresh output pages: split by channels there, as threads that split a
-                # page's rows by class would fault the same pages and contend for them.
+                # The first pass writes the output's pages first: split by channels there, as threads that split
+                # a fresh page's rows by class would fault the same pages and contend for them (with the pages
+                # cached from an earlier call the two splits measured the same).
                 if by_class and not (from_resize and staging is None):
                     jobs = [sweep_job(planes, 0, count, k0, k1, levels, from_resize, slot)
                             for slot, (k0, k1) in enumerate(_split(classes, threads))]
                 else:
                     jobs = [sweep_job(planes, c0, c1, 0, classes, levels, from_resize, slot)
                             for slot, (c0, c1) in enumerate(_split(count, threads))]
-                source = (hres.data_ptr(), *resize_source) if from_resize else (None, 0, None, None)
                 _check_native(lib.nk_pamr_save_borders_f32(
-                    planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width, pad, *source,
+                    planes.data_ptr(), planes.stride(0), planes.stride(1), count, height, width, pad,
+                    *source_args(0, from_resize),
                     border.data_ptr(), border.stride(0), 3), "saving the border rows")
                 if levels > 1:
                     _run_threads([history_job(planes, c0, c1, levels, from_resize, slot)
