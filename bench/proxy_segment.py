@@ -10,8 +10,8 @@ logit scale 40), on two workloads:
 
 =============  ==============================================================================================
 ``fast``       ``backend="auto"`` (Triton on CUDA, our torch path on CPU), the segmenter's default window
-               batching (16 windows per pass on CUDA, ~800 tokens per pass on CPU; ``--window-batch-size`` overrides): CLIP and
-               the VFM run on the same batch of windows
+               batching (16 windows per pass on CUDA, ~800 tokens per pass on CPU; ``--window-batch-size``
+               overrides): CLIP and the VFM run on the same batch of windows
 ``reference``  ``backend="reference"`` (the eager proxy attention with its ``M x M`` weights) with
                ``window_batch_size=1``: the original's one-window-at-a-time loop
 =============  ==============================================================================================

@@ -155,7 +155,6 @@ def default_window_batch_size(device: Any, tokens_per_window: int = 197) -> int:
     return max(1, min(16, round(_CPU_GEMM_ROWS / max(1, tokens_per_window))))
 
 
-
 def _check_pos_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Segmenter: {name} must be a positive int, got {value!r}")

@@ -45,6 +45,11 @@ class MethodContext:
     options: Dict[str, Any]
 
 
+def vit_tokens(size: Tuple[int, int], patch: Tuple[int, int]) -> int:
+    """Tokens of a ViT pass over an ``(H, W)`` input: the patch grid (partial patches count) plus one class token."""
+    return -(-size[0] // patch[0]) * -(-size[1] // patch[1]) + 1
+
+
 class DenseHead:
     """The dense-feature function a method builds on one CLIP model.
 
@@ -75,8 +80,7 @@ class DenseHead:
         reports the larger of the two. The segmenter sizes its CPU window batches from it."""
         from naclip.model import vision_patch_size
 
-        ph, pw = vision_patch_size(self.model)
-        return -(-window[0] // ph) * -(-window[1] // pw) + 1
+        return vit_tokens(window, vision_patch_size(self.model))
 
     def remove(self) -> None:
         """Undo whatever the head did to the model (nothing by default)."""

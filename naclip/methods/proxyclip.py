@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from naclip.methods.base import DenseHead, Method, MethodContext, lcm_multiple
+from naclip.methods.base import DenseHead, Method, MethodContext, lcm_multiple, vit_tokens
 
 __all__ = ["METHOD", "ProxyclipHead", "PRESET_SETTINGS"]
 
@@ -118,8 +118,7 @@ class ProxyclipHead(DenseHead):
         return x, vfm_grid
 
     def tokens_per_window(self, window: Tuple[int, int]) -> int:
-        size = self.vfm.input_size or window
-        vfm_tokens = -(-size[0] // self.vfm.patch_size[0]) * -(-size[1] // self.vfm.patch_size[1]) + 1
+        vfm_tokens = vit_tokens(self.vfm.input_size or window, self.vfm.patch_size)
         return max(super().tokens_per_window(window), vfm_tokens)
 
     def remove(self) -> None:
