@@ -131,6 +131,35 @@ def test_small_chunks_and_staging_groups(lib, threads, monkeypatch, dilations, r
         assert_close_to_reference(out, _expected(image, mask, 3, dilations), "pamr", "torch", dtype)
 
 
+def test_ring_chunk_limit(monkeypatch):
+    """Chunks fill half of L2 while one block's rings fit there, else a share of L3 split over the threads; always
+    whole blocks, at least one."""
+    monkeypatch.setattr(pamr_mod, "_cache_bytes", lambda level: {2: 1 << 20, 3: 32 << 20}[level])
+    assert pamr_mod._ring_chunk_limit(60_000, 8, 2) == 8                 # 8 x 60 kB < 1 MB: L2 half = 8.7 -> 8
+    assert pamr_mod._ring_chunk_limit(20_000, 8, 2) == 24                # 26.2 channels in half of L2 -> 24
+    assert pamr_mod._ring_chunk_limit(150_000, 8, 2) == 32               # 1.2 MB > L2: 0.3 x 32 MB / 2 -> 32
+    assert pamr_mod._ring_chunk_limit(150_000, 8, 1) == 64               # one thread has the whole share
+    assert pamr_mod._ring_chunk_limit(10 << 20, 8, 2) == 8               # never less than one block
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True, ids=["2_threads"])
+def test_chunks_sized_by_l3(lib, threads, monkeypatch, rng):
+    """The wide-image rule (one block's rings larger than L2): chunks of several fixed-kernel blocks, whose
+    prefetch requests are split per block, against the float64 reference."""
+    fixed = _fixed_lib((8, 16))
+    block = int(fixed.nk_fixed_channel_block())
+    width = 37
+    per_channel = 4 * int(fixed.nk_pamr_sweep_scratch_floats(1, width, 16, 8, pamr_mod._SWEEPS_PER_PASS))
+    l3 = int(2 * block * per_channel * threads / pamr_mod._L3_FRACTION) + 1     # two blocks per chunk
+    monkeypatch.setattr(pamr_mod, "_cache_bytes", lambda level: per_channel if level == 2 else l3)
+    assert pamr_mod._ring_chunk_limit(per_channel, block, threads) == 2 * block
+    image = torch.randn(1, 3, 45, width, generator=rng)
+    mask = torch.randn(1, 4 * block + 3, 5, 6, generator=rng)
+    with poison_outputs():
+        out = pamr_mod._pamr_native(image, mask, 10, (8, 16), fixed)
+    assert_close_to_reference(out, _expected(image, mask, 10, (8, 16)), "pamr", "torch", torch.float32)
+
+
 def test_non_contiguous_inputs(lib, rng):
     image = torch.randn(1, 9, 10, 3, generator=rng).permute(0, 3, 1, 2)
     for mask in (torch.randn(1, 10, 8, 9, generator=rng).permute(0, 2, 3, 1)[:, ::2],
