@@ -144,20 +144,58 @@ def test_ring_chunk_limit(monkeypatch):
 
 @pytest.mark.parametrize("threads", [2], indirect=True, ids=["2_threads"])
 def test_chunks_sized_by_l3(lib, threads, monkeypatch, rng):
-    """The wide-image rule (one block's rings larger than L2): chunks of several fixed-kernel blocks, whose
-    prefetch requests are split per block, against the float64 reference."""
+    """The wide-image schedule (one block's rings larger than L2): one pass of all 10 sweeps, in chunks of several
+    fixed-kernel blocks whose prefetch requests are split per block, against the float64 reference."""
     fixed = _fixed_lib((8, 16))
     block = int(fixed.nk_fixed_channel_block())
     width = 37
-    per_channel = 4 * int(fixed.nk_pamr_sweep_scratch_floats(1, width, 16, 8, pamr_mod._SWEEPS_PER_PASS))
+    # One block's rings miss this L2, so the pass fuses all 10 sweeps (the wide-image schedule).
+    per_channel = 4 * int(fixed.nk_pamr_sweep_scratch_floats(1, width, 16, 8, pamr_mod._WIDE_SWEEPS_PER_PASS))
     l3 = int(2 * block * per_channel * threads / pamr_mod._L3_FRACTION) + 1     # two blocks per chunk
     monkeypatch.setattr(pamr_mod, "_cache_bytes", lambda level: per_channel if level == 2 else l3)
     assert pamr_mod._ring_chunk_limit(per_channel, block, threads) == 2 * block
     image = torch.randn(1, 3, 45, width, generator=rng)
     mask = torch.randn(1, 4 * block + 3, 5, 6, generator=rng)
+    spy = _SweepSpy(fixed)
     with poison_outputs():
-        out = pamr_mod._pamr_native(image, mask, 10, (8, 16), fixed)
+        out = pamr_mod._pamr_native(image, mask, 10, (8, 16), spy)
     assert_close_to_reference(out, _expected(image, mask, 10, (8, 16)), "pamr", "torch", torch.float32)
+    assert set(spy.levels) == {10}
+
+
+class _SweepSpy:
+    """A loaded (and bound) PAMR library that records the sweeps per pass of every nk_pamr_sweep_f32 call."""
+
+    def __init__(self, library):
+        self._library, self.levels = library, []
+
+    def __getattr__(self, name):
+        found = getattr(self._library, name)
+        if name != "nk_pamr_sweep_f32":
+            return found
+
+        def sweep(*args):
+            self.levels.append(args[14])
+            return found(*args)
+        return sweep
+
+
+@pytest.mark.parametrize("threads", [1], indirect=True, ids=["1_thread"])
+def test_narrow_images_fuse_five_sweeps(lib, threads, monkeypatch):
+    """Images whose one-block rings fit L2 keep passes of _SWEEPS_PER_PASS sweeps (two passes for 10)."""
+    monkeypatch.setattr(pamr_mod, "_cache_bytes", lambda level: {2: 1 << 20, 3: 32 << 20}[level])
+    fixed = _fixed_lib((8, 16))
+    spy = _SweepSpy(fixed)
+    pamr_mod._pamr_native(torch.randn(1, 3, 40, 64), torch.randn(1, 3, 3, 4), 10, (8, 16), spy)
+    assert spy.levels == [5, 5]
+
+
+def test_pass_levels():
+    assert pamr_mod._pass_levels(10, 5) == [5, 5]
+    assert pamr_mod._pass_levels(10, 10) == [10]
+    assert pamr_mod._pass_levels(10, 3) == [3, 3, 2, 2]
+    assert pamr_mod._pass_levels(7, 99) == [7]          # capped at NK_MAX_LEVELS, 10
+    assert pamr_mod._pass_levels(12, 99) == [6, 6]
 
 
 def test_non_contiguous_inputs(lib, rng):

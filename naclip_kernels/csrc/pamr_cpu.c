@@ -45,7 +45,7 @@
 #define NK_CB 8
 #endif
 #endif
-#define NK_ABI 2
+#define NK_ABI 3
 
 typedef float vf __attribute__((vector_size(NK_VL * sizeof(float))));
 
@@ -594,7 +594,7 @@ static int init_geometry(sweep_geometry *g, int H, int W, const float *aff, cons
     return 0;
 }
 
-#define NK_MAX_LEVELS 8
+#define NK_MAX_LEVELS 10
 
 /*
  * `levels` (1 to NK_MAX_LEVELS) PAMR sweeps in one pass, in place, of the rows y with

@@ -277,9 +277,16 @@ _DEFAULT_CACHE_BYTES = {2: 1 << 20, 3: 8 << 20}
 # every extra sweep adds a ring per channel (smaller chunks, so more affinity reads) and a few border-strip rows.
 # Measured on the dev CPU (minimum of alternating runs, ring chunks in whole register blocks, 10 iterations) against
 # 3 (passes 3, 3, 2, 2) and 10 (one pass): 5 (passes 5, 5) was fastest at 336x448 with 21 / 56 / 171 queries
-# (11.3 / 23.6 / 67.0 ms against 12.5 / 26.7 / 73.7 for 3) and at 1024x2048 / 56 (427 ms against 552).
+# (11.3 / 23.6 / 67.0 ms against 12.5 / 26.7 / 73.7 for 3).
 _SWEEPS_PER_PASS = 5
-_MAX_SWEEPS_PER_PASS = 8     # NK_MAX_LEVELS in pamr_cpu.c
+# Images whose rings of one register block at _SWEEPS_PER_PASS sweeps do not fit L2 (1024 columns and more at
+# (8, 16) on a 1 MB L2) fuse up to this many sweeps per pass instead (one pass for 10 iterations): their rings live
+# in L3 anyway, and each pass saved is a read and write of the whole mask and a read of the affinities per chunk.
+# Measured on the dev CPU (minimum of alternating runs, 10 iterations): 10 per pass against 5 was 7-10% faster at
+# 1024x2048 (21 and 56 queries) and 13% at 768x1024 / 56, equal at 512x683 / 56, and 8-10% slower at 336x448
+# (which keeps 5).
+_WIDE_SWEEPS_PER_PASS = 10
+_MAX_SWEEPS_PER_PASS = 10    # NK_MAX_LEVELS in pamr_cpu.c
 # Masks in another dtype than float32 are swept in float32 groups of this many planes per thread, each rounded
 # into the output: the float32 staging stays a few planes, not a float32 copy of the whole mask.
 _STAGING_PLANES_PER_THREAD = 16
@@ -403,10 +410,11 @@ def _resize_tables(n_out: int, n_in: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return lo.to(torch.int32), frac.to(torch.float32)
 
 
-def _pass_levels(num_iter: int) -> List[int]:
-    """The sweeps of each pass over the mask: ``num_iter`` split into the fewest passes of at most
-    ``_SWEEPS_PER_PASS`` sweeps, as equal as they go (10 at 5 per pass: 5, 5; at 3 per pass: 3, 3, 2, 2)."""
-    fused = max(1, min(_SWEEPS_PER_PASS, _MAX_SWEEPS_PER_PASS))
+def _pass_levels(num_iter: int, per_pass: int) -> List[int]:
+    """The sweeps of each pass over the mask: ``num_iter`` split into the fewest passes of at most ``per_pass``
+    sweeps (capped at ``_MAX_SWEEPS_PER_PASS``), as equal as they go (10 at 5 per pass: 5, 5; at 3 per pass: 3, 3,
+    2, 2)."""
+    fused = max(1, min(per_pass, _MAX_SWEEPS_PER_PASS))
     count = -(-num_iter // fused)
     return [num_iter // count + (1 if i < num_iter % count else 0) for i in range(count)]
 
@@ -430,7 +438,8 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     CPU tensors only, neither of them float64 (the caller checks). Schedule: affinities once; the mask's column
     resize into a small ``[C, h, W]`` buffer (the row resize happens on the fly in the first pass, so the resized
     mask is never written and read back); then ``num_iter`` sweeps in passes of up to ``_SWEEPS_PER_PASS``
-    (:func:`_pass_levels`), in place in the output, each pass preceded by its border history. Work is split over
+    (``_WIDE_SWEEPS_PER_PASS`` for wide images; :func:`_pass_levels`), in place in the output, each pass preceded
+    by its border history. Work is split over
     ``torch.get_num_threads()`` Python threads (the C calls drop the GIL): the affinity pass by rows, the resize
     and the border history by channels, and each pass by residue classes of rows modulo ``gcd(dilations)`` when
     there are at least as many classes as threads (the affinities are then read once per pass), else by channels.
@@ -469,11 +478,15 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     ring_row = int(lib.nk_ring_row_floats(width, pad))
     classes = min(row_step, height)
     by_class = threads > 1 and classes >= threads
-    passes = _pass_levels(num_iter)
+
+    def ring_bytes(levels: int) -> int:
+        """Ring bytes per channel of a `levels`-sweep pass."""
+        return 4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels))
+
+    wide = block * ring_bytes(_SWEEPS_PER_PASS) > _cache_bytes(2)
+    passes = _pass_levels(num_iter, _WIDE_SWEEPS_PER_PASS if wide else _SWEEPS_PER_PASS)
     most = max(passes)
-    max_chunks = {levels: _ring_chunk_limit(4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels)),
-                                            block, threads)
-                  for levels in set(passes) | {1}}
+    max_chunks = {levels: _ring_chunk_limit(ring_bytes(levels), block, threads) for levels in set(passes) | {1}}
     history_split = _split(group, threads)                  # channel ranges of the border-history jobs
     strip_rows = min(height, (most - 1) * pad + 1)
 
