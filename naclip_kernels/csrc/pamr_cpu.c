@@ -278,9 +278,11 @@ static void sweep_row_block(int cb, float *const *ring_c, const int64_t *tap, co
  * -DNK_FIXED_PAD=16; naclip_kernels/native.py builds one library per tuple). Every tap's column offset and row
  * index is then a constant, the tap loop is fully unrolled and NK_XB vectors are done per step, so the compiler
  * schedules all 8 L x NK_XB x cb multiply-adds of a step at once with constant addressing. Measured on the dev CPU
- * (Zen 5, 2 cores, rows in L2): 66-71 GFLOP/s per core against 55-62 for the generic loop. Loads limit both:
- * NK_CB + 1 vector loads per NK_CB multiply-adds, and a 64-byte load of a dx = +-8 tap straddles two cache
- * lines.
+ * (Zen 5, 2 cores, rows in L2): 66-71 GFLOP/s per core against 55-62 for the generic loop, and 73-84
+ * single-threaded with its rings in L2 (the float32 matmul: 96). A variant that loads each ring row's aligned
+ * vectors once per step and builds the dx = +-8 taps (whose 64-byte loads straddle two cache lines) with one
+ * shuffle, 20 aligned loads per channel and step instead of 32, measured no faster, so those split loads are not
+ * what holds the loop back.
  */
 #define NK_FIXED_ROWS (2 * (NK_FIXED_PAD / NK_FIXED_ROW_STEP) + 1)
 #define NK_XB 2
