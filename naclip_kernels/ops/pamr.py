@@ -446,14 +446,14 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     Between those thread rounds only C runs (no torch op, which would leave torch's OpenMP threads spinning on
     the cores the next round needs).
 
-    Memory: the output and one scratch buffer per call, both from
-    :func:`naclip_kernels._host_memory.mapped_empty` (huge-page mappings, cached between calls: fresh pages cost
-    more than the sweeps on the dev VM). The scratch holds the ``[H, ~W, 8 L]`` affinities, the rows 0 and
-    ``H - 1`` of each plane after each sweep of a pass, each thread's rings (about half its L2 cache, or its share
-    of L3 for wide images, see :func:`_ring_chunk_limit`; before a pass they hold the border-history strips), the
-    ``[C, h, W]`` column resize, and for masks that are not float32 a few float32 staging planes per thread. The padded image lives in the output's memory when it fits there (else
-    where the column resize goes): the output is only written after the affinity pass. At 21 queries, 336x448,
-    the peak is 1.95x the mask, of which the output is 1x and the affinities 0.76x.
+    Memory: the output and one scratch buffer per call, both from :func:`naclip_kernels._host_memory.mapped_empty`
+    (huge-page mappings, cached between calls: fresh pages cost more than the sweeps on the dev VM). The scratch
+    holds the ``[H, ~W, 8 L]`` affinities, the rows 0 and ``H - 1`` of each plane after each sweep of a pass, each
+    thread's rings (about half its L2 cache, or its share of L3 for wide images, see :func:`_ring_chunk_limit`;
+    before a pass they hold the border-history strips), the ``[C, h, W]`` column resize, and for masks that are not
+    float32 a few float32 staging planes per thread. The padded image lives in the output's memory when it fits
+    there (else where the column resize goes): the output is only written after the affinity pass. At 21 queries,
+    336x448, the peak is 1.95x the mask, of which the output is 1x and the affinities 0.76x.
     """
     _bind_native(lib)
     batch, _, height, width = image.shape
