@@ -331,8 +331,8 @@ static int fixed_taps_match(const int32_t *dy, const int32_t *dx, int n_taps, in
 /* xb vectors from x of row y for cb channels; row_off[j] is the ring offset (left border included) of the row
  * y + (j - pad / row_step) row_step, so every tap's address is row_off[constant] + x + constant. */
 static inline __attribute__((always_inline)) void
-sweep_fixed_step(const int cb, const int xb, float *const *ring_c, const int64_t *row_off, const float *aff_y,
-                 int x, int W, float *const *out_c)
+sweep_fixed_step(const int cb, const int xb, const int whole, float *const *ring_c, const int64_t *row_off,
+                 const float *aff_y, int x, int W, float *const *out_c)
 {
     vf acc[NK_FIXED_CB][NK_XB];
 #pragma GCC unroll 128
@@ -351,14 +351,18 @@ sweep_fixed_step(const int cb, const int xb, float *const *ring_c, const int64_t
             }
         }
     }
+    /* whole (a constant): all xb vectors lie inside the row, so only full stores are compiled (the partial
+     * store's memcpy from the accumulators would otherwise keep all of them in memory). */
     for (int i = 0; i < xb; i++) {
         const int x0 = x + i * NK_VL;
-        if (x0 + NK_VL <= W) {
+        if (whole || x0 + NK_VL <= W) {
             for (int c = 0; c < cb; c++)
                 store_v(out_c[c] + x0, acc[c][i]);
         } else if (x0 < W) {
-            for (int c = 0; c < cb; c++)
-                memcpy(out_c[c] + x0, &acc[c][i], (size_t)(W - x0) * sizeof(float));
+            for (int c = 0; c < cb; c++) {
+                const vf last = acc[c][i];
+                memcpy(out_c[c] + x0, &last, (size_t)(W - x0) * sizeof(float));
+            }
         }
     }
 }
@@ -371,12 +375,12 @@ sweep_fixed_row(const int cb, float *const *ring_c, const int64_t *row_off, cons
     for (; x + NK_XB * NK_VL <= W; x += NK_XB * NK_VL) {
         if (pf)
             prefetch_columns(pf, x, NK_XB * NK_VL, NK_FIXED_TAPS);
-        sweep_fixed_step(cb, NK_XB, ring_c, row_off, aff_y, x, W, out_c);
+        sweep_fixed_step(cb, NK_XB, 1, ring_c, row_off, aff_y, x, W, out_c);
     }
     if (pf && x < W)
         prefetch_columns(pf, x, W - x, NK_FIXED_TAPS);
     for (; x < W; x += NK_VL)
-        sweep_fixed_step(cb, 1, ring_c, row_off, aff_y, x, W, out_c);
+        sweep_fixed_step(cb, 1, 0, ring_c, row_off, aff_y, x, W, out_c);
 }
 
 static void sweep_fixed_block(int cb, float *const *ring_c, const int64_t *row_off, const float *aff_y, int W,
