@@ -679,17 +679,11 @@ static int sweep_rows(float *out, int64_t out_cs, int64_t out_rs, int64_t k, int
                      * 17% faster on the dev CPU (equal at 336x448). */
                     const int ahead = y + pad + NK_PREFETCH_STEPS * row_step;
                     const int aff_ahead = y + NK_PREFETCH_STEPS * row_step;
-                    if (g.fixed) {
-                        plan = (prefetch_plan){aff_ahead < H ? aff + (int64_t)aff_ahead * g.aff_row : NULL,
-                                               !hres && ahead < H ? first_plane + (int64_t)ahead * out_rs : NULL,
-                                               out_cs, count};
-                    } else {
-                        if (!hres && ahead < H)
-                            for (int c = 0; c < count; c++)
-                                prefetch_span(first_plane + c * out_cs + (int64_t)ahead * out_rs, W);
-                        if (aff_ahead < H)
-                            prefetch_span(aff + (int64_t)aff_ahead * g.aff_row, g.aff_row);
-                    }
+                    plan = (prefetch_plan){aff_ahead < H ? aff + (int64_t)aff_ahead * g.aff_row : NULL,
+                                           !hres && ahead < H ? first_plane + (int64_t)ahead * out_rs : NULL,
+                                           out_cs, count};
+                    if (!g.fixed) /* the generic loop requests the whole rows here (compute_row ignores the plan) */
+                        prefetch_columns(&plan, 0, (int)round_up(W, NK_VL), g.n_taps);
                 }
                 for (int l = 1; l <= levels; l++) {
                     const int j = s - (l - 1) * steps;

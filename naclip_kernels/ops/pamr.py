@@ -315,6 +315,12 @@ def _cache_bytes(level: int) -> int:
     return _DEFAULT_CACHE_BYTES[level]
 
 
+def _rings_fit_l2(ring_bytes_per_channel: int, block: int) -> bool:
+    """Whether the rings of one register block of channels fit one core's L2 cache (else the image is "wide":
+    its rings work from L3)."""
+    return block * ring_bytes_per_channel <= _cache_bytes(2)
+
+
 def _ring_chunk_limit(ring_bytes_per_channel: int, block: int, threads: int) -> int:
     """The most channels one sweep job keeps rings for at a time, in whole register blocks (at least one).
 
@@ -326,7 +332,7 @@ def _ring_chunk_limit(ring_bytes_per_channel: int, block: int, threads: int) -> 
     171; a share of 0.5 was a little slower than 0.3, the whole L3 50% slower. At 336x448 and 512x683, whose blocks
     fit L2, chunks sized by L3 were 12-25% slower than the L2 rule.
     """
-    if block * ring_bytes_per_channel <= _cache_bytes(2):
+    if _rings_fit_l2(ring_bytes_per_channel, block):
         budget = _L2_FRACTION * _cache_bytes(2)
     else:
         budget = _L3_FRACTION * _cache_bytes(3) / max(1, threads)
@@ -438,13 +444,12 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     CPU tensors only, neither of them float64 (the caller checks). Schedule: affinities once; the mask's column
     resize into a small ``[C, h, W]`` buffer (the row resize happens on the fly in the first pass, so the resized
     mask is never written and read back); then ``num_iter`` sweeps in passes of up to ``_SWEEPS_PER_PASS``
-    (``_WIDE_SWEEPS_PER_PASS`` for wide images; :func:`_pass_levels`), in place in the output, each pass preceded
-    by its border history. Work is split over
-    ``torch.get_num_threads()`` Python threads (the C calls drop the GIL): the affinity pass by rows, the resize
-    and the border history by channels, and each pass by residue classes of rows modulo ``gcd(dilations)`` when
-    there are at least as many classes as threads (the affinities are then read once per pass), else by channels.
-    Between those thread rounds only C runs (no torch op, which would leave torch's OpenMP threads spinning on
-    the cores the next round needs).
+    (``_WIDE_SWEEPS_PER_PASS`` for wide images; :func:`_pass_levels`), in place in the output, each pass preceded by
+    its border history. Work is split over ``torch.get_num_threads()`` Python threads (the C calls drop the GIL):
+    the affinity pass by rows, the resize and the border history by channels, and each pass by residue classes of
+    rows modulo ``gcd(dilations)`` when there are at least as many classes as threads (the affinities are then read
+    once per pass), else by channels. Between those thread rounds only C runs (no torch op, which would leave
+    torch's OpenMP threads spinning on the cores the next round needs).
 
     Memory: the output and one scratch buffer per call, both from :func:`naclip_kernels._host_memory.mapped_empty`
     (huge-page mappings, cached between calls: fresh pages cost more than the sweeps on the dev VM). The scratch
@@ -483,8 +488,8 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
         """Ring bytes per channel of a `levels`-sweep pass."""
         return 4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels))
 
-    wide = block * ring_bytes(_SWEEPS_PER_PASS) > _cache_bytes(2)
-    passes = _pass_levels(num_iter, _WIDE_SWEEPS_PER_PASS if wide else _SWEEPS_PER_PASS)
+    narrow = _rings_fit_l2(ring_bytes(_SWEEPS_PER_PASS), block)
+    passes = _pass_levels(num_iter, _SWEEPS_PER_PASS if narrow else _WIDE_SWEEPS_PER_PASS)
     most = max(passes)
     max_chunks = {levels: _ring_chunk_limit(ring_bytes(levels), block, threads) for levels in set(passes) | {1}}
     history_split = _split(group, threads)                  # channel ranges of the border-history jobs
