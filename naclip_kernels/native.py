@@ -46,7 +46,7 @@ __all__ = ["load", "status", "build", "disabled", "NativeBuildError", "SOURCES"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 # Library name -> (source file, ABI version its nk_abi_version() must return).
-SOURCES = {"pamr": ("pamr_cpu.c", 3)}
+SOURCES = {"pamr": ("pamr_cpu.c", 4)}
 _BASE_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=fast", "-fno-math-errno"]
 _NATIVE_FLAGS = ["-march=native"]
 _ENV_SWITCH = "NACLIP_KERNELS_NATIVE"

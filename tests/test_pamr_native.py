@@ -227,6 +227,48 @@ def test_concurrent_calls_from_threads(lib, rng):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("width", [2, 3], ids=["2_threads", "3_threads"])
+def test_phases_run_in_order_with_a_barrier_between_them(lib, width):
+    """_run_phases: job i of every phase on thread i (0: the caller), and no job of a phase starts before every
+    job of the phase before it has ended (the C barrier)."""
+    pamr_mod._bind_native(lib)
+    events, lock = [], threading.Lock()
+
+    def job(phase, index):
+        def run():
+            with lock:
+                events.append(("start", phase, index, threading.get_ident()))
+            for _ in range(2000 * (index + 1)):      # uneven jobs: the short ones wait at the barrier
+                pass
+            with lock:
+                events.append(("end", phase, index, threading.get_ident()))
+        return run
+
+    phases = [[job(p, i) for i in range(width if p != 2 else 1)] for p in range(5)]
+    pamr_mod._run_phases(phases, lib)
+    assert len(events) == 2 * sum(len(phase) for phase in phases)
+    position = {(kind, p, i): n for n, (kind, p, i, _) in enumerate(events)}
+    for p in range(1, 5):
+        last_end = max(position[("end", p - 1, i)] for i in range(len(phases[p - 1])))
+        assert all(position[("start", p, i)] > last_end for i in range(len(phases[p])))
+    thread_of = {(p, i): ident for kind, p, i, ident in events}
+    assert all(thread_of[(p, 0)] == threading.get_ident() for p in range(5))
+    assert all(thread_of[(p, i)] == thread_of[(0, i)] for p in range(5) for i in range(len(phases[p])))
+
+
+def test_a_failing_phase_job_stops_every_thread_and_raises(lib):
+    pamr_mod._bind_native(lib)
+    ran = []
+
+    def fail():
+        raise ValueError("job 1 failed")
+
+    phases = [[lambda: ran.append("0.0"), fail], [lambda: ran.append("1.0"), lambda: ran.append("1.1")]]
+    with pytest.raises(ValueError, match="job 1 failed"):
+        pamr_mod._run_phases(phases, lib)
+    assert ran == ["0.0"]                 # no thread passed the aborted barrier
+
+
 def test_kernel_rejects_inconsistent_arguments(lib):
     """The C entry points check their arguments and write nothing when they are inconsistent; the launcher turns
     that into an error that says it is a bug rather than crashing."""
