@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from numbers import Integral
-from typing import List, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -473,6 +473,132 @@ def _check_native(code: int, what: str) -> None:
                            f"a bug in naclip_kernels, please report it with the input shapes")
 
 
+class _NativePlan(NamedTuple):
+    """Everything :func:`_pamr_native` derives from the shapes alone (see :func:`_native_plan`). Shared by the
+    calls of a shape: nothing in it is written after it is made."""
+    n_taps: int
+    pad: int
+    row_step: int
+    dy: torch.Tensor                 # int32 [8 L] tap offsets, read by the C kernels only
+    dx: torch.Tensor
+    resize: bool
+    row_lo: Optional[torch.Tensor]   # align_corners tables of the mask's resize (None: same size)
+    row_frac: Optional[torch.Tensor]
+    col_lo: Optional[torch.Tensor]
+    col_frac: Optional[torch.Tensor]
+    group: int
+    ring_row: int
+    classes: int
+    by_class: bool
+    passes: List[int]
+    most: int
+    max_chunks: Dict[int, int]
+    history_split: List[Tuple[int, int]]
+    history_chunk: int
+    strip_border_at: int
+    history_rings_at: int
+    ring_floats: int
+    x_rs: int
+    xpad_floats: int
+    xpad_in_output: bool
+    sizes: Dict[str, int]
+
+
+def _job_chunk(count: int, limit: int) -> int:
+    """The channels a sweep job of ``count`` channels takes at a time: equal chunks of at most ``limit``."""
+    return -(-count // -(-count // limit))
+
+
+def _plan_tunables() -> tuple:
+    """The module settings a plan depends on (part of its cache key: tests and tuning change them)."""
+    return (_SWEEPS_PER_PASS, _WIDE_SWEEPS_PER_PASS, _L2_FRACTION, _L3_FRACTION, _STAGING_PLANES_PER_THREAD,
+            _cache_bytes(2), _cache_bytes(3))
+
+
+@functools.lru_cache(maxsize=32)
+def _native_plan(lib, image_channels: int, channels: int, height: int, width: int, mask_h: int, mask_w: int,
+                 mask_dtype: torch.dtype, num_iter: int, dilations: Tuple[int, ...], threads: int,
+                 tunables: tuple) -> _NativePlan:
+    """The schedule and memory layout of a :func:`_pamr_native` call: pass split, ring chunks, border-history
+    chunks, scratch sizes, the tap and resize tables. A function of the shapes, the library and ``tunables``
+    (:func:`_plan_tunables`) only, so it is computed once per shape: it took 0.4-0.6 ms of Python per call (with
+    the caches cold after the previous call), 5% of a 336x448 / 21-query call on the dev CPU. The returned tensors
+    are read-only inputs of the C kernels."""
+    del tunables  # in the key only; the functions below read the module settings
+    offsets = _offsets(dilations)
+    n_taps, pad = len(offsets), max(dilations)
+    row_step = functools.reduce(math.gcd, dilations)
+    dy = torch.tensor([o[0] for o in offsets], dtype=torch.int32)
+    dx = torch.tensor([o[1] for o in offsets], dtype=torch.int32)
+    vector = int(lib.nk_vector_width())
+    # Channels per register block of the sweep kernel that will run (ring chunks are whole blocks).
+    fixed = bool(lib.nk_fixed_kernel_applies(dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step))
+    block = int(lib.nk_fixed_channel_block() if fixed else lib.nk_channel_block())
+    resize = (mask_h, mask_w) != (height, width)
+    row_lo = row_frac = col_lo = col_frac = None
+    if resize:
+        row_lo, row_frac = _resize_tables(height, mask_h)
+        col_lo, col_frac = _resize_tables(width, mask_w)
+    group = channels if mask_dtype == torch.float32 else min(channels, threads * _STAGING_PLANES_PER_THREAD)
+    ring_row = int(lib.nk_ring_row_floats(width, pad))
+    classes = min(row_step, height)
+    by_class = threads > 1 and classes >= threads
+
+    def ring_bytes(levels: int) -> int:
+        """Ring bytes per channel of a `levels`-sweep pass."""
+        return 4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels))
+
+    narrow = _rings_fit_l2(ring_bytes(_SWEEPS_PER_PASS), block)
+    passes = _pass_levels(num_iter, _SWEEPS_PER_PASS if narrow else _WIDE_SWEEPS_PER_PASS)
+    most = max(passes)
+    max_chunks = {levels: _ring_chunk_limit(ring_bytes(levels), block, threads) for levels in set(passes) | {1}}
+    history_split = _split(group, threads)                  # channel ranges of the border-history jobs
+    strip_rows = min(height, (most - 1) * pad + 1)
+
+    # Each thread's ring slot holds the rings of any sweep job it may run, and before a fused pass the border
+    # history's strips, strip borders and single-level rings for `history_chunk` channels at a time: as many as
+    # fit in the rings, so the strips cost no memory of their own.
+    job_counts = set()                               # the channel counts the sweep jobs can have
+    for g0 in range(0, channels, group):
+        count = min(group, channels - g0)
+        job_counts.add(count)                                             # a by-class job: the whole group
+        job_counts.update(c1 - c0 for c0, c1 in _split(count, threads))   # a by-channel job: its share
+    ring_floats = max(int(lib.nk_pamr_sweep_scratch_floats(_job_chunk(n, max_chunks[levels]), width, pad, row_step,
+                                                           levels))
+                      for levels in set(passes) for n in job_counts)
+
+    def history_layout(chunk: int) -> Tuple[int, int, int]:
+        """Offsets of the strip border and the rings in a slot, and the floats used, for `chunk` channels."""
+        strip_border_at = _round_floats(chunk * strip_rows * width)
+        rings_at = strip_border_at + _round_floats(chunk * 2 * ring_row)
+        return strip_border_at, rings_at, rings_at + int(lib.nk_pamr_sweep_scratch_floats(
+            min(chunk, max_chunks[1]), width, pad, row_step, 1))
+
+    history_chunk = max(c1 - c0 for c0, c1 in history_split)
+    while history_chunk > 1 and history_layout(history_chunk)[2] > ring_floats:
+        history_chunk -= 1
+    strip_border_at, history_rings_at, history_floats = history_layout(history_chunk)
+    if most > 1:
+        ring_floats = max(ring_floats, history_floats)
+    # The image, replicate-padded once (in C, so that no torch op runs between the C phases): the
+    # affinity loop then reads every neighbour (and the whole last vector of a row) without clamping. It lives in the
+    # output's memory when that fits (the output is only written after the affinities), else in the phase region.
+    x_rs = -(-width // vector) * vector + 2 * pad
+    xpad_floats = image_channels * (height + 2 * pad) * x_rs
+    out_bytes = channels * height * width * torch.empty(0, dtype=mask_dtype).element_size()
+    xpad_in_output = out_bytes >= 4 * xpad_floats + 64
+    # The parts of the call's one scratch mapping, in floats. The "phase" region holds in turn the padded image
+    # (affinity pass; when it is not in the output) and the column resize (first sweep).
+    sizes = {"affinity": int(lib.nk_affinity_floats(height, width, n_taps)),
+             "border": group * most * 2 * ring_row,          # rows 0 and H - 1 of each plane after each sweep of a pass
+             "staging": 0 if mask_dtype == torch.float32 else group * height * width,
+             "rings": threads * ring_floats,
+             "phase": max(0 if xpad_in_output else xpad_floats, group * mask_h * width if resize else 0)}
+    return _NativePlan(n_taps, pad, row_step, dy, dx, resize, row_lo, row_frac, col_lo, col_frac, group, ring_row,
+                       classes, by_class, passes, most, max_chunks, history_split, history_chunk, strip_border_at,
+                       history_rings_at, ring_floats, x_rs, xpad_floats, xpad_in_output, sizes)
+
+
 def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilations: Tuple[int, ...],
                  lib) -> torch.Tensor:
     """PAMR with the compiled CPU kernels of ``naclip_kernels/csrc/pamr_cpu.c``: float32 affinities and sweeps, the
@@ -502,81 +628,18 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     336x448, the peak is 1.95x the mask, of which the output is 1x and the affinities 0.76x.
     """
     _bind_native(lib)
-    batch, _, height, width = image.shape
+    batch, image_channels, height, width = image.shape
     channels, (mask_h, mask_w) = mask.shape[1], mask.shape[-2:]
-    offsets = _offsets(dilations)
-    n_taps, pad = len(offsets), max(dilations)
-    row_step = functools.reduce(math.gcd, dilations)
-    dy = torch.tensor([o[0] for o in offsets], dtype=torch.int32)
-    dx = torch.tensor([o[1] for o in offsets], dtype=torch.int32)
-    vector = int(lib.nk_vector_width())
-    # Channels per register block of the sweep kernel that will run (ring chunks are whole blocks).
-    fixed = bool(lib.nk_fixed_kernel_applies(dy.data_ptr(), dx.data_ptr(), n_taps, pad, row_step))
-    block = int(lib.nk_fixed_channel_block() if fixed else lib.nk_channel_block())
     threads = max(1, torch.get_num_threads())
+    (n_taps, pad, row_step, dy, dx, resize, row_lo, row_frac, col_lo, col_frac, group, ring_row, classes, by_class,
+     passes, most, max_chunks, history_split, history_chunk, strip_border_at, history_rings_at, ring_floats, x_rs,
+     xpad_floats, xpad_in_output, sizes) = _native_plan(lib, image_channels, channels, height, width, mask_h, mask_w,
+                                                        mask.dtype, num_iter, tuple(dilations), threads,
+                                                        _plan_tunables())
     out = empty_output(batch, channels, height, width, dtype=mask.dtype, device=mask.device, own_mapping=True)
-    resize = (mask_h, mask_w) != (height, width)
-    if resize:
-        row_lo, row_frac = _resize_tables(height, mask_h)
-        col_lo, col_frac = _resize_tables(width, mask_w)
     image32 = image if image.dtype == torch.float32 else image.float()
-    group = channels if mask.dtype == torch.float32 else min(channels, threads * _STAGING_PLANES_PER_THREAD)
-    ring_row = int(lib.nk_ring_row_floats(width, pad))
-    classes = min(row_step, height)
-    by_class = threads > 1 and classes >= threads
 
-    def ring_bytes(levels: int) -> int:
-        """Ring bytes per channel of a `levels`-sweep pass."""
-        return 4 * int(lib.nk_pamr_sweep_scratch_floats(1, width, pad, row_step, levels))
-
-    narrow = _rings_fit_l2(ring_bytes(_SWEEPS_PER_PASS), block)
-    passes = _pass_levels(num_iter, _SWEEPS_PER_PASS if narrow else _WIDE_SWEEPS_PER_PASS)
-    most = max(passes)
-    max_chunks = {levels: _ring_chunk_limit(ring_bytes(levels), block, threads) for levels in set(passes) | {1}}
-    history_split = _split(group, threads)                  # channel ranges of the border-history jobs
-    strip_rows = min(height, (most - 1) * pad + 1)
-
-    def job_chunk(count: int, levels: int) -> int:
-        """The channels a sweep job of `count` channels takes at a time: equal chunks of at most max_chunks."""
-        return -(-count // -(-count // max_chunks[levels]))
-
-    # Each thread's ring slot holds the rings of any sweep job it may run, and before a fused pass the border
-    # history's strips, strip borders and single-level rings for `history_chunk` channels at a time: as many as
-    # fit in the rings, so the strips cost no memory of their own.
-    job_counts = set()                               # the channel counts the sweep jobs can have
-    for g0 in range(0, channels, group):
-        count = min(group, channels - g0)
-        job_counts.add(count)                                             # a by-class job: the whole group
-        job_counts.update(c1 - c0 for c0, c1 in _split(count, threads))   # a by-channel job: its share
-    ring_floats = max(int(lib.nk_pamr_sweep_scratch_floats(job_chunk(n, levels), width, pad, row_step, levels))
-                      for levels in set(passes) for n in job_counts)
-
-    def history_layout(chunk: int) -> Tuple[int, int, int]:
-        """Offsets of the strip border and the rings in a slot, and the floats used, for `chunk` channels."""
-        strip_border_at = _round_floats(chunk * strip_rows * width)
-        rings_at = strip_border_at + _round_floats(chunk * 2 * ring_row)
-        return strip_border_at, rings_at, rings_at + int(lib.nk_pamr_sweep_scratch_floats(
-            min(chunk, max_chunks[1]), width, pad, row_step, 1))
-
-    history_chunk = max(c1 - c0 for c0, c1 in history_split)
-    while history_chunk > 1 and history_layout(history_chunk)[2] > ring_floats:
-        history_chunk -= 1
-    strip_border_at, history_rings_at, history_floats = history_layout(history_chunk)
-    if most > 1:
-        ring_floats = max(ring_floats, history_floats)
-    # The image, replicate-padded once (in C, so that no torch op runs between the C phases): the
-    # affinity loop then reads every neighbour (and the whole last vector of a row) without clamping. It lives in the
-    # output's memory when that fits (the output is only written after the affinities), else in the phase region.
-    x_rs = -(-width // vector) * vector + 2 * pad
-    xpad_floats = image.shape[1] * (height + 2 * pad) * x_rs
-    xpad_in_output = out[0].numel() * out.element_size() >= 4 * xpad_floats + 64
-    # One scratch mapping for the whole call (see naclip_kernels._host_memory). The "phase" region holds in turn the
-    # padded image (affinity pass; when it is not in the output) and the column resize (first sweep).
-    sizes = {"affinity": int(lib.nk_affinity_floats(height, width, n_taps)),
-             "border": group * most * 2 * ring_row,          # rows 0 and H - 1 of each plane after each sweep of a pass
-             "staging": 0 if mask.dtype == torch.float32 else group * height * width,
-             "rings": threads * ring_floats,
-             "phase": max(0 if xpad_in_output else xpad_floats, group * mask_h * width if resize else 0)}
+    # One scratch mapping for the whole call (see naclip_kernels._host_memory; sizes: _native_plan).
     arena, parts, at = mapped_empty([sum(_round_floats(n) for n in sizes.values())], torch.float32), {}, 0
     for name, floats in sizes.items():
         parts[name], at = arena[at:at + floats], at + _round_floats(floats)
@@ -595,7 +658,7 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
 
     def sweep_job(planes, c0, c1, k0, k1, levels, from_resize, slot):
         count = c1 - c0
-        chunk = job_chunk(count, levels)
+        chunk = _job_chunk(count, max_chunks[levels])
         target, saved, scratch = planes[c0:c1], border[c0:c1], rings[slot]
         source = source_args(c0, from_resize)
 
