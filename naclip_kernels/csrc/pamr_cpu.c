@@ -178,16 +178,19 @@ affinity_vector(const float *centre, int64_t x_ks, int K, const int64_t *tap, co
         acc[n] = splat(0.0f);
     for (int k = 0; k < K; k++, centre += x_ks) {
         const vf xc = load_v(centre);
-        vf mean = splat(0.0f);
+        /* Four partial sums each: one sum over the taps is a chain of n_taps dependent adds, and the pass was
+         * bound by those chains' latency, not by its arithmetic (four chains: 11% faster on the dev CPU; removing a
+         * sixth of the operations instead was not faster at all). */
+        vf sum[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
         for (int n = 0; n < n_taps; n++)
-            mean += load_v(centre + tap[n]) - xc;
-        mean *= inv_samples;
-        vf var = (float)num_dil * mean * mean;
+            sum[n & 3] += load_v(centre + tap[n]) - xc;
+        const vf mean = ((sum[0] + sum[1]) + (sum[2] + sum[3])) * inv_samples;
+        vf squares[4] = {(float)num_dil * mean * mean, splat(0.0f), splat(0.0f), splat(0.0f)};
         for (int n = 0; n < n_taps; n++) {
             const vf t = (load_v(centre + tap[n]) - xc) - mean;
-            var += t * t;
+            squares[n & 3] += t * t;
         }
-        var *= inv_dof;
+        const vf var = ((squares[0] + squares[1]) + (squares[2] + squares[3])) * inv_dof;
         vf spread;
         for (int l = 0; l < NK_VL; l++)
             spread[l] = sqrtf(var[l]);
@@ -195,17 +198,18 @@ affinity_vector(const float *centre, int64_t x_ks, int K, const int64_t *tap, co
         for (int n = 0; n < n_taps; n++)
             acc[n] += abs_v(load_v(centre + tap[n]) - xc) * inv;
     }
-    vf mx = splat(-INFINITY);
+    vf top[4] = {splat(-INFINITY), splat(-INFINITY), splat(-INFINITY), splat(-INFINITY)}; /* four chains too */
     for (int n = 0; n < n_taps; n++) {
         acc[n] *= neg_inv_k;
-        mx = max_v(acc[n], mx);
+        top[n & 3] = max_v(acc[n], top[n & 3]);
     }
-    vf total = splat(0.0f);
+    const vf mx = max_v(max_v(top[0], top[1]), max_v(top[2], top[3]));
+    vf sums[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
     for (int n = 0; n < n_taps; n++) {
         acc[n] = exp_v(acc[n] - mx);
-        total += acc[n];
+        sums[n & 3] += acc[n];
     }
-    const vf inv_total = 1.0f / total;
+    const vf inv_total = 1.0f / ((sums[0] + sums[1]) + (sums[2] + sums[3]));
     for (int n = 0; n < n_taps; n++)
         store_v(block + n * NK_VL, acc[n] * inv_total);
 }
