@@ -198,7 +198,7 @@ def test_pamr_floors_are_the_larger_of_fma_and_traffic_and_cpu_only():
     assert r["floor_fma_s"] == pytest.approx(0.2) and r["floor_copy_s"] == pytest.approx(2.0)
     assert r["floor_s"] == pytest.approx(2.0) and r["x_floor"] == pytest.approx(0.25)
     assert "floor_s" not in doc["rows"][1]
-    assert ("| 8x8 | 2 | float32 | torch | 500 ms | 10 GFLOP/s | 2.0 GB/s | 200 ms | 2.00 s | 0.2x |"
+    assert ("| 8x8 | 2 | float32 | torch | 500 ms | 10 GFLOP/s | 2.0 GB/s | 200 ms | 2.00 s | 0.2x | 2.5x |"
             in pamr.floors_markdown(doc))
     # A row's own probe (taken in its process just before it) wins over the run's, at its fastest call's rates.
     own = dict(row, row_rates={"matmul": {"gflops": 0.5, "best_gflops": 1.0},

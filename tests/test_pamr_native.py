@@ -190,6 +190,25 @@ def test_narrow_images_fuse_five_sweeps(lib, threads, monkeypatch):
     assert spy.levels == [5, 5]
 
 
+@pytest.mark.parametrize("threads", [1], indirect=True, ids=["1_thread"])
+def test_plans_are_reused_per_shape_and_follow_the_settings(lib, threads, monkeypatch):
+    """_native_plan is computed once per shape, and a changed setting (part of the cache key) takes effect."""
+    monkeypatch.setattr(pamr_mod, "_cache_bytes", lambda level: {2: 1 << 20, 3: 32 << 20}[level])
+    spy = _SweepSpy(_fixed_lib((8, 16)))
+    image, mask = torch.randn(1, 3, 40, 64), torch.randn(1, 3, 3, 4)
+    first = pamr_mod._pamr_native(image, mask, 10, (8, 16), spy)
+    hits = pamr_mod._native_plan.cache_info().hits
+    again = pamr_mod._pamr_native(image, mask, 10, (8, 16), spy)
+    assert pamr_mod._native_plan.cache_info().hits == hits + 1
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert spy.levels == [5, 5, 5, 5]
+    monkeypatch.setattr(pamr_mod, "_SWEEPS_PER_PASS", 10)
+    spy.levels.clear()
+    fused = pamr_mod._pamr_native(image, mask, 10, (8, 16), spy)
+    assert spy.levels == [10]
+    assert_close_to_reference(fused, _expected(image, mask, 10, (8, 16)), "pamr", "torch", torch.float32)
+
+
 def test_pass_levels():
     assert pamr_mod._pass_levels(10, 5) == [5, 5]
     assert pamr_mod._pass_levels(10, 10) == [10]
