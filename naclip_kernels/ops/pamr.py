@@ -585,7 +585,7 @@ def _native_plan(lib, image_channels: int, channels: int, height: int, width: in
     # output's memory when that fits (the output is only written after the affinities), else in the phase region.
     x_rs = -(-width // vector) * vector + 2 * pad
     xpad_floats = image_channels * (height + 2 * pad) * x_rs
-    out_bytes = channels * height * width * torch.empty(0, dtype=mask_dtype).element_size()
+    out_bytes = channels * height * width * mask_dtype.itemsize
     xpad_in_output = out_bytes >= 4 * xpad_floats + 64
     # The parts of the call's one scratch mapping, in floats. The "phase" region holds in turn the padded image
     # (affinity pass; when it is not in the output) and the column resize (first sweep).
@@ -671,7 +671,6 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
 
     def history_job(planes, c0, c1, levels, from_resize, slot):
         """border[c0:c1, l] = rows 0 and H - 1 after l sweeps, 0 < l < levels (nk_pamr_border_history_f32)."""
-        c1 = min(c1, planes.shape[0])
         slot_floats = rings[slot]
         strip, strip_border, scratch = slot_floats, slot_floats[strip_border_at:], slot_floats[history_rings_at:]
 
@@ -688,8 +687,6 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
 
     def save_job(planes, c0, c1, from_resize):
         """border[c0:c1, 0] = rows 0 and H - 1 before the pass (nk_pamr_save_borders_f32)."""
-        c1 = min(c1, planes.shape[0])
-
         def run():
             _check_native(lib.nk_pamr_save_borders_f32(
                 planes[c0].data_ptr(), planes.stride(0), planes.stride(1), c1 - c0, height, width, pad,
@@ -699,7 +696,7 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
     def pad_job(b, xb):
         def run():
             _check_native(lib.nk_pamr_pad_image_f32(
-                image32[b].data_ptr(), image32.stride(1), image32.stride(2), image32.stride(3), image.shape[1],
+                image32[b].data_ptr(), image32.stride(1), image32.stride(2), image32.stride(3), image_channels,
                 height, width, pad, pad, xb.data_ptr(), x_rs), "padding the image")
         return run
 
@@ -730,7 +727,7 @@ def _pamr_native(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilatio
             xb = raw[skip:skip + 4 * xpad_floats].view(torch.float32)
         else:
             xb = phase[:xpad_floats]
-        xb = xb.view(image.shape[1], height + 2 * pad, x_rs)
+        xb = xb.view(image_channels, height + 2 * pad, x_rs)
         phases.append([pad_job(b, xb)])
         # The affinity rows share a phase with the first group's column resize when the padded image is not in
         # the region the resize writes.
